@@ -1,0 +1,43 @@
+# amgsn — every target bootstraps .venv itself (torch from local disk, then an editable install).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.amgsn-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+.PHONY: setup demo test bench gpu-check lint clean
+
+setup: $(STAMP)
+
+$(VENV)/.torch-installed:
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+# Rebuilt only when the build inputs change: a second `make test` reuses .venv and amgsn/_C*.so.
+$(STAMP): $(VENV)/.torch-installed $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/amgsn demo --out runs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/amgsn bench --device cpu --json runs/bench.json
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build amgsn/_C*.so $(STAMP)

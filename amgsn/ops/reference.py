@@ -1,0 +1,135 @@
+"""Pure-PyTorch references for every public op, written the way the anchor code bases write them.
+
+They are the ground truth of the tests and the baseline of the benchmarks:
+
+* scores — DINO/AttMask: materialise the attention matrix, softmax, take the CLS row;
+* selection + gather — MAE: ``argsort`` then gather (packed, since ratios are per image);
+* center loss — the common distance-matrix code, and a separate center-update pass.
+
+Nothing here is fast on purpose; nothing here validates input (the public ops do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Masking (DESIGN §3.1–3.5)
+# --------------------------------------------------------------------------------------------
+
+
+class MaskSelection(NamedTuple):
+    """Which patches each image keeps, packed over the batch (DESIGN §3.2).
+
+    ids_keep:   (T,) int64 — kept patch indices, ascending within each image, images concatenated.
+    cu_seqlens: (B+1,) int32 — prefix sums of the per-image kept counts, starting at 0.
+    mask:       (B, N) bool — True where the patch is masked (removed), as MAE's 1.
+    max_seqlen: int — the largest per-image kept count.
+    """
+
+    ids_keep: torch.Tensor
+    cu_seqlens: torch.Tensor
+    mask: torch.Tensor
+    max_seqlen: int
+
+
+def num_keep_from_ratio(mask_ratio: float | torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+    """``clamp(floor((1 - r) * N + 1e-4), 1, N)`` per image, in float64 -> (B,) int64."""
+    r = torch.as_tensor(mask_ratio, dtype=torch.float64).reshape(-1).expand(batch)
+    return torch.clamp(torch.floor((1.0 - r) * num_patches + 1e-4), 1, num_patches).to(torch.int64)
+
+
+def cls_attention_scores_full(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """DINO/AttMask: the block's full attention matrix, then its CLS row without the CLS column.
+
+    q, k: (B, H, 1+N, d), CLS first -> (B, N) float32 (``attn[:, :, 0, 1:].mean(1)``).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    attn = (q @ k.transpose(-2, -1)) * scale  # (B, H, 1+N, 1+N)
+    attn = attn.float().softmax(dim=-1)
+    return attn[:, :, 0, 1:].mean(dim=1)
+
+
+def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Reference of DESIGN §3.1 from the CLS query alone: q_cls (B, H, d), k (B, H, 1+N, d) -> (B, N)."""
+    scale = 1.0 / math.sqrt(q_cls.shape[-1])
+    logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k.float()) * scale
+    return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
+
+
+def abmg_select(
+    scores: torch.Tensor, mask_ratio: float | torch.Tensor, noise: torch.Tensor | None = None
+) -> MaskSelection:
+    """MAE-style ``argsort`` selection (DESIGN §3.2): mask the most salient ``N - num_keep`` patches.
+
+    Order = (score + noise descending, index ascending); the sum is formed in float32.
+    """
+    B, N = scores.shape
+    values = scores.float()
+    if noise is not None:
+        values = values + noise.float()
+    num_keep = num_keep_from_ratio(mask_ratio, B, N).to(scores.device)
+    # A stable descending sort keeps equal values in index order: the tie rule.
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(N, device=scores.device).expand(B, N))
+    mask = rank < (N - num_keep)[:, None]
+    ids_keep = (~mask).nonzero()[:, 1]  # row-major: ascending within an image, images in order
+    cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=scores.device)
+    cu_seqlens[1:] = torch.cumsum(num_keep, 0)
+    return MaskSelection(ids_keep, cu_seqlens, mask, int(num_keep.max()))
+
+
+def _batch_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=cu_seqlens.device), counts)
+
+
+def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``out[t] = x[b(t), ids_keep[t]]``: x (B, N, D) -> (T, D)."""
+    return x[_batch_index(cu_seqlens), ids_keep]
+
+
+def scatter_visible(
+    y: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, mask_token: torch.Tensor, N: int
+) -> torch.Tensor:
+    """Inverse of ``gather_visible`` with ``mask_token`` (D,) elsewhere: y (T, D) -> (B, N, D)."""
+    B = cu_seqlens.numel() - 1
+    out = mask_token.to(y.dtype).expand(B, N, y.shape[-1]).clone()
+    out[_batch_index(cu_seqlens), ids_keep] = y
+    return out
+
+
+def abmg_mask_and_gather(
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    x: torch.Tensor,
+    mask_ratio: float | torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MaskSelection]:
+    """§3.1 + §3.2 + §3.3 composed from the references above."""
+    scores = cls_attention_scores(q_cls, k)
+    sel = abmg_select(scores, mask_ratio, noise)
+    return gather_visible(x, sel.ids_keep, sel.cu_seqlens), sel
+
+
+def abmg_mask_and_gather_full(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    x: torch.Tensor,
+    mask_ratio: float | torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MaskSelection]:
+    """The anchors' whole path, as benchmarked: full attention matrix (all 1+N queries), argsort,
+    gather. q, k (B, H, 1+N, d)."""
+    scores = cls_attention_scores_full(q, k)
+    sel = abmg_select(scores, mask_ratio, noise)
+    return gather_visible(x, sel.ids_keep, sel.cu_seqlens), sel
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (DESIGN §3.6–3.8) — see below.
+# --------------------------------------------------------------------------------------------
