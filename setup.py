@@ -39,7 +39,8 @@ def _want_cuda() -> bool:
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch picks the standard its headers need (C++20 for torch >= 2.14, C++17 before).
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros: list = []
     if _want_cuda():
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -48,7 +49,7 @@ def _extension():
             sources=cpp_sources + cuda_sources,
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=define_macros + [("AMGSN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(

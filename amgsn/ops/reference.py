@@ -60,17 +60,40 @@ def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
 
 
+def selection_values(
+    scores: torch.Tensor, noise: torch.Tensor | None = None, relative_noise: bool = False
+) -> torch.Tensor:
+    """The values ranked by the selection, in float64 (exact: see below) -> (B, N).
+
+    ``v = float64(scores) + float64(noise) * scale`` with ``scale = 1``, or with ``relative_noise``
+    the image's score range ``float32(max - min)`` (1 where the range is 0). Adding noise scaled by
+    the range ranks exactly like adding it to min-max-normalised scores (ABMG, DESIGN §4.1). The
+    product of two float32 numbers is exact in float64, so a fused multiply-add and a separate
+    multiply + add give the same bits: every implementation ranks identical values.
+    """
+    values = scores.float().double()
+    if noise is None:
+        return values
+    scale = torch.ones_like(values[:, :1])
+    if relative_noise:
+        s32 = scores.float()
+        span = (s32.amax(dim=1, keepdim=True) - s32.amin(dim=1, keepdim=True)).double()
+        scale = torch.where(span > 0, span, scale)
+    return values + noise.float().double() * scale
+
+
 def abmg_select(
-    scores: torch.Tensor, mask_ratio: float | torch.Tensor, noise: torch.Tensor | None = None
+    scores: torch.Tensor,
+    mask_ratio: float | torch.Tensor,
+    noise: torch.Tensor | None = None,
+    relative_noise: bool = False,
 ) -> MaskSelection:
     """MAE-style ``argsort`` selection (DESIGN §3.2): mask the most salient ``N - num_keep`` patches.
 
-    Order = (score + noise descending, index ascending); the sum is formed in float32.
+    Order = (value descending, index ascending), value from :func:`selection_values`.
     """
     B, N = scores.shape
-    values = scores.float()
-    if noise is not None:
-        values = values + noise.float()
+    values = selection_values(scores, noise, relative_noise)
     num_keep = num_keep_from_ratio(mask_ratio, B, N).to(scores.device)
     # A stable descending sort keeps equal values in index order: the tie rule.
     order = torch.argsort(values, dim=1, descending=True, stable=True)
@@ -109,10 +132,11 @@ def abmg_mask_and_gather(
     x: torch.Tensor,
     mask_ratio: float | torch.Tensor,
     noise: torch.Tensor | None = None,
+    relative_noise: bool = False,
 ) -> tuple[torch.Tensor, MaskSelection]:
     """§3.1 + §3.2 + §3.3 composed from the references above."""
     scores = cls_attention_scores(q_cls, k)
-    sel = abmg_select(scores, mask_ratio, noise)
+    sel = abmg_select(scores, mask_ratio, noise, relative_noise)
     return gather_visible(x, sel.ids_keep, sel.cu_seqlens), sel
 
 
@@ -122,11 +146,12 @@ def abmg_mask_and_gather_full(
     x: torch.Tensor,
     mask_ratio: float | torch.Tensor,
     noise: torch.Tensor | None = None,
+    relative_noise: bool = False,
 ) -> tuple[torch.Tensor, MaskSelection]:
     """The anchors' whole path, as benchmarked: full attention matrix (all 1+N queries), argsort,
     gather. q, k (B, H, 1+N, d)."""
     scores = cls_attention_scores_full(q, k)
-    sel = abmg_select(scores, mask_ratio, noise)
+    sel = abmg_select(scores, mask_ratio, noise, relative_noise)
     return gather_visible(x, sel.ids_keep, sel.cu_seqlens), sel
 
 
