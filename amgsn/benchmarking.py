@@ -1,0 +1,194 @@
+"""Operator benchmark cases: ours vs the reference on the same inputs, in the same process.
+
+One definition of each case serves both ``benchmarks/bench_*.py`` (pytest-benchmark) and
+``amgsn bench`` (a table + JSON without pytest). A case builds its inputs once and returns two
+zero-argument callables; the timer synchronises CUDA around each call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: ``build(device) -> (ours, reference, bytes_moved or None)``."""
+
+    op: str
+    shape: str
+    devices: tuple[str, ...]
+    build: Callable[[str], tuple[Callable[[], object], Callable[[], object], int | None]]
+    target: float | None = None  # the speed-up the project promises on this device (doc only)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rounds: int = 20) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA synchronised before and after each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking (DESIGN §3.1–3.5)
+# ---------------------------------------------------------------------------------------------
+
+
+def _select_gather(device: str, B: int = 256, N: int = 196, D: int = 192):
+    from amgsn import ops
+    from amgsn.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(B, N, generator=gen).to(device)
+    x = torch.randn(B, N, D, generator=gen).to(device)
+    ratio = (torch.rand(B, generator=gen) * 0.4 + 0.5).to(device)
+
+    def ours():
+        sel = ops.abmg_select(scores, ratio)
+        return ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens, sel.max_seqlen)
+
+    def ref():
+        sel = reference.abmg_select(scores, ratio)
+        return reference.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
+
+    return ours, ref, None
+
+
+def _fused(device: str, B: int = 256, H: int = 12, N: int = 196, d: int = 64, D: int = 768):
+    from amgsn import ops
+    from amgsn.ops import reference
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, N + 1, d, generator=gen).to(device, dtype)
+    k = torch.randn(B, H, N + 1, d, generator=gen).to(device, dtype)
+    x = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    ratio = torch.rand(B, generator=gen) * 0.4 + 0.5  # the MRUS bank lives on the CPU
+    noise = (torch.rand(B, N, generator=gen) * 0.5).to(device)
+    q_cls = q[:, :, 0]
+
+    def ours():
+        return ops.abmg_mask_and_gather(q_cls, k, x, ratio, noise, relative_noise=True)
+
+    def ref():
+        return reference.abmg_mask_and_gather_full(q, k, x, ratio.to(device), noise, True)
+
+    # bytes the fused op must move: q_cls + K read, kept rows of x read + written, ids + mask
+    kept = int((1 - ratio.mean()) * B * N)
+    moved = (q_cls.numel() + k.numel()) * k.element_size() + 2 * kept * D * x.element_size()
+    moved += kept * 8 + B * N + noise.numel() * 4
+    return ours, ref, moved
+
+
+def _scatter(device: str, B: int = 256, N: int = 196, D: int = 512):
+    from amgsn import ops
+    from amgsn.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    sel = reference.abmg_select(torch.rand(B, N, generator=gen), torch.rand(B, generator=gen) * 0.4 + 0.5)
+    ids, cu = sel.ids_keep.to(device), sel.cu_seqlens.to(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    y = torch.randn(ids.numel(), D, generator=gen).to(device, dtype)
+    token = torch.randn(D, generator=gen).to(device, dtype)
+
+    def ours():
+        return ops.scatter_visible(y, ids, cu, token, N, sel.max_seqlen)
+
+    def ref():
+        return reference.scatter_visible(y, ids, cu, token, N)
+
+    moved = (y.numel() + B * N * D) * y.element_size()
+    return ours, ref, moved
+
+
+MASKING_CASES = [
+    Case("abmg_select+gather_visible", "B=256 N=196 D=192 r~U[0.5,0.9]", ("cpu", "cuda"), _select_gather, 2.0),
+    Case("abmg_mask_and_gather", "B=256 H=12 N=196 d=64 D=768 r~U[0.5,0.9]", ("cuda",), _fused, 5.0),
+    Case("scatter_visible", "B=256 N=196 D=512", ("cpu", "cuda"), _scatter, None),
+]
+
+
+def all_cases() -> list[Case]:
+    """Every operator case, in table order."""
+    return list(MASKING_CASES)
+
+
+def run_case(case: Case, device: str, *, rounds: int = 20) -> dict:
+    """Time one case on ``device`` -> a row for the table/JSON."""
+    ours, ref, moved = case.build(device)
+    ours_ms = median_ms(ours, device, rounds=rounds)
+    ref_ms = median_ms(ref, device, rounds=rounds)
+    row = {
+        "op": case.op,
+        "shape": case.shape,
+        "device": device,
+        "ours_ms": round(ours_ms, 4),
+        "reference_ms": round(ref_ms, 4),
+        "ratio": round(ref_ms / ours_ms, 2),
+        "target": case.target,
+    }
+    if moved is not None:
+        row["ours_GBps"] = round(moved / (ours_ms * 1e-3) / 1e9, 1)
+    return row
+
+
+def copy_bandwidth_GBps(device: str, nbytes: int = 1 << 30) -> float | None:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), CUDA only."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, rounds=20)
+    return round(2 * src.numel() / (ms * 1e-3) / 1e9, 1)
+
+
+def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, progress: bool = True) -> dict:
+    """Run every case available on ``device`` -> ``{"device", "copy_GBps", "rows": [...]}``."""
+    from tqdm.auto import tqdm
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    todo = [c for c in (cases or all_cases()) if kind in c.devices]
+    copy = copy_bandwidth_GBps(device)
+    rows = []
+    for case in tqdm(todo, desc=f"bench [{device}]", disable=not progress):
+        if kind == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = run_case(case, device, rounds=rounds)
+        if kind == "cuda":
+            row["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if copy and "ours_GBps" in row:
+                row["of_copy_bw"] = round(row["ours_GBps"] / copy, 3)
+        rows.append(row)
+    info = {"device": device, "torch": torch.__version__}
+    if kind == "cuda":
+        info["card"] = torch.cuda.get_device_name()
+        info["copy_GBps"] = copy
+    return {**info, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width table: op, shape, ours, reference, ratio (+ GB/s and peak memory on CUDA)."""
+    cols = ["op", "shape", "ours_ms", "reference_ms", "ratio", "target", "ours_GBps", "peak_MiB"]
+    cols = [c for c in cols if any(c in r for r in result["rows"])]
+    cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in cols] for r in result["rows"]]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    head = f"device: {result['device']}" + (f" ({result.get('card')}, copy {result.get('copy_GBps')} GB/s)"
+                                            if result.get("card") else "")
+    return "\n".join([head, line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
