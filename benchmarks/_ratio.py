@@ -28,6 +28,6 @@ def compare(benchmark, ours: Callable[[], object], reference: Callable[[], objec
     benchmark.extra_info.update(
         {"reference_median_ms": ref_ms, "ours_median_ms": ours_ms, "ratio": ratio, "target": target}
     )
-    verdict = "" if target is None else (" (target >= %.1fx: %s)" % (target, "met" if ratio >= target else "NOT met"))
+    verdict = "" if target is None else f" (target >= {target:.1f}x: {'met' if ratio >= target else 'NOT met'})"
     SUMMARY.append(f"{label}: ours {ours_ms:.3f} ms, reference {ref_ms:.3f} ms, ratio {ratio:.2f}x{verdict}")
     return ratio

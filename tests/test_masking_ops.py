@@ -227,7 +227,8 @@ def test_opcheck_custom_ops():
     y = torch.randn(int(sel.cu_seqlens[-1]), 4, requires_grad=True)
     tok = torch.randn(4, requires_grad=True)
     torch.library.opcheck(torch.ops.amgsn.scatter_visible.default, (y, sel.ids_keep, sel.cu_seqlens, tok, 9, 0))
-    torch.library.opcheck(torch.ops.amgsn.cls_attention_scores.default, (torch.randn(2, 3, 4), torch.randn(2, 3, 10, 4)))
+    qk = (torch.randn(2, 3, 4), torch.randn(2, 3, 10, 4))
+    torch.library.opcheck(torch.ops.amgsn.cls_attention_scores.default, qk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def _ratio_plan(
         if not mask_ratio.is_floating_point():
             raise TypeError(f"mask_ratio must be a float or a floating tensor, got dtype {mask_ratio.dtype}")
         if mask_ratio.dim() > 1 or mask_ratio.numel() not in (1, batch):
-            raise ValueError(f"mask_ratio must be a scalar or have shape (B,) = ({batch},), got {tuple(mask_ratio.shape)}")
+            raise ValueError(
+                f"mask_ratio must be a scalar or have shape (B,) = ({batch},), got {tuple(mask_ratio.shape)}"
+            )
         ratio = mask_ratio.detach().to("cpu", torch.float64).reshape(-1)
         if bool(torch.isnan(ratio).any()) or bool(((ratio < 0) | (ratio > 1)).any()):
             raise ValueError(f"mask_ratio must lie in [0, 1] (no NaN), got values in [{ratio.min()}, {ratio.max()}]")
