@@ -1,0 +1,138 @@
+"""Whole pre-training step benchmark (``amgsn bench-step``): forward + backward + optimiser step.
+
+Three variants on the same random images and the same per-image ratios:
+
+* ``fused``      — abmg_mrus with the fused op and the packed varlen encoder (ours);
+* ``reference``  — abmg_mrus the anchors' way: full last-block attention, argsort, padded encoder;
+* ``mae_random`` — plain MAE random masking at a fixed ratio (the mean of the per-image ratios):
+  ``fused / mae_random`` is the price of ABMG's teacher pass.
+
+Model FLOPs are counted analytically (matmuls and attention, forward ×3 for trained parts, the
+teacher's forward ×1), so MFU = FLOPs / time / peak.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from amgsn.engine.common import autocast, resolve_device
+from amgsn.masking import MaskingPolicy, RatioBank
+from amgsn.models import MaskedAutoencoderViT
+
+# Dense bf16 tensor-core peak (datasheet, SXM): used for MFU on these cards.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def _block_flops(tokens_per_seq: list[int] | torch.Tensor, width: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one transformer block over sequences of these lengths."""
+    L = torch.as_tensor(tokens_per_seq, dtype=torch.float64)
+    linear = 2 * L.sum() * width * width * (4 + 2 * mlp_ratio)  # qkv + proj + fc1 + fc2
+    attention = 4 * (L * L).sum() * width  # q·kᵀ and attn·v
+    return float(linear + attention)
+
+
+def step_flops(model: MaskedAutoencoderViT, seqlens: torch.Tensor, teacher: bool) -> float:
+    """Model FLOPs of one training step with these per-image visible counts (B,)."""
+    cfg = model.config
+    B, N, D, p = seqlens.numel(), model.num_patches, model.embed_dim, model.patch_size
+    Dd, depth, ddepth = cfg["decoder_embed_dim"], cfg["depth"], cfg["decoder_depth"]
+    pix = p * p * model.in_chans
+    fwd = 2.0 * B * N * pix * D  # patch embedding (every patch)
+    fwd += depth * _block_flops(seqlens + 1, D)  # encoder on CLS + visible
+    fwd += 2.0 * float(seqlens.sum() + B) * D * Dd  # decoder_embed
+    fwd += ddepth * _block_flops([N + 1] * B, Dd) + 2.0 * B * (N + 1) * Dd * pix  # decoder + head
+    total = 3.0 * fwd
+    if teacher:  # forward only: blocks[:-1] on full images, then the last block's q_cls and K
+        total += (depth - 1) * _block_flops([N + 1] * B, D) + 2.0 * B * (N + 1) * D * D + 2.0 * B * D * D
+    return total
+
+
+def _time_steps(step, steps: int, warmup: int, device: str) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_step(
+    *,
+    model: str = "vit_tiny",
+    img_size: int = 112,
+    patch_size: int = 8,
+    batch_size: int = 64,
+    ratio_range: tuple[float, float] = (0.5, 0.9),
+    device: str = "auto",
+    steps: int = 5,
+    warmup: int = 2,
+    depth: int | None = None,
+    seed: int = 0,
+    variants: tuple[str, ...] = ("fused", "reference", "mae_random"),
+) -> dict[str, Any]:
+    """Median step time of each variant -> ``{"fused": {...}, "reference": {...}, "mae_random": {...}, ...}``."""
+    device = resolve_device(device)
+    lo, hi = ratio_range
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"--ratio-range must satisfy 0 <= lo <= hi <= 1, got {ratio_range}")
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
+    indices = torch.arange(batch_size)
+    bank_ratios = torch.rand(batch_size, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    result: dict[str, Any] = {"config": {"model": model, "img_size": img_size, "patch_size": patch_size,
+                                         "batch_size": batch_size, "ratio_range": [lo, hi], "device": device,
+                                         "steps": steps, "torch": torch.__version__}}
+    for variant in variants:
+        torch.manual_seed(seed)
+        net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
+        mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
+                      "mae_random": ("random", "fused")}[variant]
+        policy = MaskingPolicy(mode, epochs=1, warmup_epochs=0, impl=impl)
+        bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=lo, r_max=hi)
+        bank.load_state_dict({"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0})
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        fixed_ratio = float(bank_ratios.mean())
+        seqlens: list[torch.Tensor] = []
+
+        def step() -> None:
+            ratios = bank.ratios(indices) if policy.uses_ratio_bank else fixed_ratio
+            with autocast(device):
+                batch = policy.select(net, imgs, ratios, epoch=0)
+                out = net(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if policy.uses_ratio_bank:
+                bank.update(indices, out.per_image_loss.detach())
+                # keep the ratios fixed across steps so every variant times the same workload
+                bank.load_state_dict({"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0})
+            seqlens.append((batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu())
+
+        times = _time_steps(step, steps, warmup, device)
+        median = statistics.median(times)
+        flops = step_flops(net, seqlens[-1], teacher=mode != "random")
+        entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
+                 "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+        if device.startswith("cuda"):
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+            if peak:
+                entry["mfu"] = round(flops / median / peak, 4)
+            entry["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats()
+        result[variant] = entry
+        del net, optimizer
+    if "fused" in result and "reference" in result:
+        result["fused_speedup_vs_reference"] = round(result["reference"]["median_ms"] / result["fused"]["median_ms"], 3)
+    if "fused" in result and "mae_random" in result:
+        result["fused_over_mae_random"] = round(result["fused"]["median_ms"] / result["mae_random"]["median_ms"], 3)
+    return result

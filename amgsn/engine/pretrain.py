@@ -1,0 +1,281 @@
+"""AMGSN pre-training (DESIGN §4.1, §4.2): MAE whose masks come from ABMG, with per-image MRUS ratios.
+
+``pretrain(PretrainConfig(...))`` is what ``amgsn pretrain`` runs. Each step: the policy picks the
+visible patches (random in warm-up, else the teacher's last-block CLS attention + noise, most
+salient masked), the packed encoder + decoder reconstruct, the per-image losses update the ratio
+bank. Output folder: ``config.json``, ``log.jsonl`` (one line per epoch), ``checkpoint-<e>.pth`` /
+``checkpoint-last.pth`` (atomic), ``mask_gallery/{start,end}.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from amgsn.engine import checkpoint as ckpt
+from amgsn.engine import distributed
+from amgsn.engine.common import (
+    JsonlLog,
+    NonFiniteGuard,
+    autocast,
+    cosine_scheduler,
+    effective_lr,
+    epoch_loader,
+    resolve_device,
+    write_config,
+)
+from amgsn.masking import MaskingPolicy, RatioBank
+from amgsn.models import MaskedAutoencoderViT
+from amgsn.ops import abmg_select, cls_attention_scores
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of a pre-training run (the CLI flags map 1:1; see ``amgsn pretrain --help``)."""
+
+    data_dir: str
+    out: str
+    dataset: str = "synthetic"
+    model: str = "vit_tiny"
+    img_size: int = 112
+    patch_size: int = 8
+    depth: int | None = None
+    decoder_depth: int | None = None
+    mask_mode: str = "abmg_mrus"
+    mask_ratio: float = 0.75  # fixed ratio (random/abmg) and the bank's r0 (abmg_mrus)
+    ratio_min: float = 0.5
+    ratio_max: float = 0.9
+    eta: float = 0.05
+    sigma: float = 0.5
+    abmg_warmup: int | None = None  # epochs of random masking; default 10 % of --epochs
+    teacher: str = "online"
+    ema: float = 0.999
+    impl: str = "fused"
+    epochs: int = 20
+    batch_size: int = 64
+    accum: int = 1
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    max_steps: int | None = None
+    seed: int = 0
+    save_every: int = 1
+    workers: int = 2
+    device: str = "auto"
+    resume: str | None = None
+    skip_bad: bool = False
+    gallery_per_class: int = 2
+    progress: bool = True
+    cache_images: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ValueError(f"--mask-ratio must lie in [0, 1], got {self.mask_ratio}")
+
+
+def _build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
+                                decoder_depth=cfg.decoder_depth)
+
+
+def _load_train_set(cfg: PretrainConfig):
+    from amgsn.data import build_dataset
+    from amgsn.data.transforms import build_pretrain_transform
+
+    return build_dataset(cfg.dataset, cfg.data_dir, "train", transform=build_pretrain_transform(cfg.img_size),
+                         skip_bad=cfg.skip_bad)
+
+
+@torch.no_grad()
+def write_mask_gallery(model: MaskedAutoencoderViT, cfg: PretrainConfig, path: Path, device: str) -> None:
+    """A few faces per class with the patches ABMG masks (no noise: pure saliency) and random ones."""
+    from amgsn.data import build_dataset
+    from amgsn.data.transforms import build_eval_transform
+
+    raw = build_dataset(cfg.dataset, cfg.data_dir, "train", skip_bad=cfg.skip_bad)
+    per_class: dict[int, list[int]] = {}
+    for i, y in enumerate(raw.targets):
+        if len(per_class.setdefault(y, [])) < cfg.gallery_per_class:
+            per_class[y].append(i)
+    picks = [i for y in sorted(per_class) for i in per_class[y]]
+    tf = build_eval_transform(cfg.img_size)
+    images, tensors, labels = [], [], []
+    for i in picks:
+        img, label, _ = raw[i]
+        img = img.convert("RGB").resize((cfg.img_size, cfg.img_size))
+        images.append(np.asarray(img, dtype=np.uint8))
+        tensors.append(tf(img))
+        labels.append(label)
+    x = torch.stack(tensors).to(device)
+    was_training = model.training
+    model.eval()
+    q, k, _ = model.teacher_qk(x)
+    model.train(was_training)
+    B, N = x.shape[0], model.num_patches
+    abmg = abmg_select(cls_attention_scores(q.float(), k.float()), cfg.mask_ratio).mask
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rand = abmg_select(torch.zeros(B, N), cfg.mask_ratio, torch.rand(B, N, generator=gen)).mask
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=np.stack(images), labels=np.asarray(labels), abmg_mask=abmg.cpu().numpy(),
+                        random_mask=rand.numpy(), patch_size=np.asarray(cfg.patch_size),
+                        classes=np.asarray(list(raw.classes)))
+
+
+def _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch: int, global_step: int) -> dict:
+    return {
+        "kind": "pretrain",
+        "args": dataclasses.asdict(cfg),
+        "model_config": model.config,
+        "epoch": epoch,
+        "global_step": global_step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ratio_bank": bank.state_dict(),
+        "policy": policy.state_dict(),
+        "rng": ckpt.rng_state(),
+    }
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) pre-training; returns a summary (last epoch's log record + paths)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist = distributed.init(device)
+    if device == "cuda" and dist.enabled:
+        device = f"cuda:{dist.local_rank}"
+    out = Path(cfg.out)
+    ckpt.seed_everything(cfg.seed + dist.rank)
+
+    dataset = _load_train_set(cfg)
+    model = _build_model(cfg).to(device)
+    policy = MaskingPolicy(cfg.mask_mode, epochs=cfg.epochs, warmup_epochs=cfg.abmg_warmup, sigma=cfg.sigma,
+                           impl=cfg.impl, teacher=cfg.teacher, ema_decay=cfg.ema)
+    bank = RatioBank(len(dataset), r0=cfg.mask_ratio, eta=cfg.eta, r_min=min(cfg.ratio_min, cfg.mask_ratio),
+                     r_max=max(cfg.ratio_max, cfg.mask_ratio))
+    from timm.optim import param_groups_weight_decay
+
+    lr = effective_lr(cfg.blr, cfg.batch_size, cfg.accum, dist.world_size)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling
+    local_batches = len(dataset) // (cfg.batch_size * dist.world_size)
+    if local_batches < cfg.accum:
+        raise ValueError(f"the training set ({len(dataset)} images) is smaller than one optimiser step "
+                         f"(batch {cfg.batch_size} x accum {cfg.accum} x {dist.world_size} ranks)")
+    steps_per_epoch = local_batches // cfg.accum
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = cosine_scheduler(optimizer, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
+
+    start_epoch, global_step = 0, 0
+    if cfg.resume:
+        state = ckpt.load_checkpoint(cfg.resume, kind="pretrain")
+        if state["model_config"] != model.config:
+            raise ValueError(f"{cfg.resume} was made for model {state['model_config']}, this run builds "
+                             f"{model.config}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        bank.load_state_dict(state["ratio_bank"])
+        policy.load_state_dict(state["policy"], model)
+        ckpt.set_rng_state(state["rng"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank]
+                                                              if device.startswith("cuda") else None)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, {"stage": "pretrain", **dataclasses.asdict(cfg), "num_images": len(dataset),
+                           "lr": lr, "world_size": dist.world_size, "device": device})
+        if start_epoch == 0:
+            write_mask_gallery(model, cfg, out / "mask_gallery" / "start.npz", device)
+    log = JsonlLog(out / "log.jsonl", enabled=dist.is_main)
+    guard = NonFiniteGuard()
+    record: dict[str, Any] = {}
+    done = global_step >= total_steps
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        model.train()
+        loader = epoch_loader(dataset, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
+                              drop_last=True, workers=cfg.workers)
+        loss_sum, loss_count, images, skipped_before = 0.0, 0, 0, guard.total
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and dist.is_main),
+                   leave=False, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for i, (imgs, _labels, indices) in enumerate(bar):
+            imgs = imgs.to(device, non_blocking=True)
+            ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
+            with autocast(device):
+                batch = policy.select(model, imgs, ratios, epoch)
+                result = ddp_model(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+            if not guard.check(result.loss.detach(), f"epoch {epoch} batch {i}"):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            (result.loss / cfg.accum).backward()
+            if policy.uses_ratio_bank:
+                all_idx = distributed.all_gather_cat(indices.to(device)).cpu()
+                all_loss = distributed.all_gather_cat(result.per_image_loss.detach().float()).cpu()
+                bank.update(all_idx, all_loss)
+            loss_sum += float(result.loss.detach()) * imgs.shape[0]
+            loss_count += imgs.shape[0]
+            images += imgs.shape[0]
+            if (i + 1) % cfg.accum == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                scheduler.step_update(global_step)
+                policy.update_teacher(model)
+                bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                ratio=f"{bank.summary()['mean']:.3f}")
+                if global_step >= total_steps:
+                    done = True
+                    break
+        elapsed = time.perf_counter() - start
+        totals = distributed.all_reduce_sum(torch.tensor([loss_sum, loss_count, images], dtype=torch.float64,
+                                                         device=device)).tolist()
+        counts, edges = bank.histogram(10)
+        summary = bank.summary()
+        record = {
+            "stage": "pretrain", "epoch": epoch, "step": global_step,
+            "loss": totals[0] / max(totals[1], 1), "lr": optimizer.param_groups[0]["lr"],
+            "mask_mode": cfg.mask_mode, "abmg_active": policy.uses_abmg(epoch),
+            "ratio_mean": summary["mean"], "ratio_min": summary["min"], "ratio_max": summary["max"],
+            "ratio_hist": {"edges": edges, "counts": counts},
+            "images_per_s": totals[2] / max(elapsed, 1e-9), "skipped_steps": guard.total - skipped_before,
+            "seconds": elapsed,
+        }
+        log.write(record)
+        last_epoch = epoch + 1 == cfg.epochs or done
+        if dist.is_main:
+            state = _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch, global_step)
+            if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+                ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+            ckpt.save_atomic(state, out / "checkpoint-last.pth")
+            if cfg.progress:
+                tqdm.write(f"pretrain epoch {epoch}: loss {record['loss']:.4f}, ratio mean {summary['mean']:.3f}, "
+                           f"{record['images_per_s']:.1f} img/s")
+    if dist.is_main and record:
+        write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device)
+    distributed.barrier()
+    return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-last.pth")}
