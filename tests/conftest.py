@@ -25,3 +25,11 @@ def seed() -> int:
     s = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory):
+    """A tiny synthetic FER set in the RAF-DB layout (64 train / 28 test images, 32 px)."""
+    from amgsn.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("syn") / "set", 64, 28, image_size=32, workers=0, progress=False)

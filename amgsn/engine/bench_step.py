@@ -65,6 +65,51 @@ def _time_steps(step, steps: int, warmup: int, device: str) -> list[float]:
     return times
 
 
+def _run_variant(variant: str, model: str, img_size: int, patch_size: int, depth: int | None, imgs: torch.Tensor,
+                 bank_ratios: torch.Tensor, bounds: tuple[float, float], device: str, steps: int, warmup: int,
+                 seed: int) -> dict[str, Any]:
+    """Build a fresh model + optimiser for one variant and time its steps."""
+    torch.manual_seed(seed)
+    batch_size = imgs.shape[0]
+    indices = torch.arange(batch_size)
+    net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
+    mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
+                  "mae_random": ("random", "fused")}[variant]
+    policy = MaskingPolicy(mode, epochs=1, warmup_epochs=0, impl=impl)
+    fixed = {"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0}
+    bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=bounds[0], r_max=bounds[1])
+    bank.load_state_dict(fixed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    fixed_ratio = float(bank_ratios.mean())
+    seqlens: list[torch.Tensor] = []
+
+    def step() -> None:
+        ratios = bank.ratios(indices) if policy.uses_ratio_bank else fixed_ratio
+        with autocast(device):
+            batch = policy.select(net, imgs, ratios, epoch=0)
+            out = net(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if policy.uses_ratio_bank:
+            bank.update(indices, out.per_image_loss.detach())
+            bank.load_state_dict(fixed)  # same ratios every step: every variant times the same workload
+        seqlens.append((batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu())
+
+    median = statistics.median(_time_steps(step, steps, warmup, device))
+    flops = step_flops(net, seqlens[-1], teacher=mode != "random")
+    entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
+             "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak:
+            entry["mfu"] = round(flops / median / peak, 4)
+        entry["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats()
+    return entry
+
+
 def bench_step(
     *,
     model: str = "vit_tiny",
@@ -86,51 +131,13 @@ def bench_step(
         raise ValueError(f"--ratio-range must satisfy 0 <= lo <= hi <= 1, got {ratio_range}")
     gen = torch.Generator().manual_seed(seed)
     imgs = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
-    indices = torch.arange(batch_size)
     bank_ratios = torch.rand(batch_size, generator=gen, dtype=torch.float64) * (hi - lo) + lo
     result: dict[str, Any] = {"config": {"model": model, "img_size": img_size, "patch_size": patch_size,
                                          "batch_size": batch_size, "ratio_range": [lo, hi], "device": device,
                                          "steps": steps, "torch": torch.__version__}}
     for variant in variants:
-        torch.manual_seed(seed)
-        net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
-        mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
-                      "mae_random": ("random", "fused")}[variant]
-        policy = MaskingPolicy(mode, epochs=1, warmup_epochs=0, impl=impl)
-        bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=lo, r_max=hi)
-        bank.load_state_dict({"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0})
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        fixed_ratio = float(bank_ratios.mean())
-        seqlens: list[torch.Tensor] = []
-
-        def step() -> None:
-            ratios = bank.ratios(indices) if policy.uses_ratio_bank else fixed_ratio
-            with autocast(device):
-                batch = policy.select(net, imgs, ratios, epoch=0)
-                out = net(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if policy.uses_ratio_bank:
-                bank.update(indices, out.per_image_loss.detach())
-                # keep the ratios fixed across steps so every variant times the same workload
-                bank.load_state_dict({"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0})
-            seqlens.append((batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu())
-
-        times = _time_steps(step, steps, warmup, device)
-        median = statistics.median(times)
-        flops = step_flops(net, seqlens[-1], teacher=mode != "random")
-        entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
-                 "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
-        if device.startswith("cuda"):
-            name = torch.cuda.get_device_name()
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-            if peak:
-                entry["mfu"] = round(flops / median / peak, 4)
-            entry["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            torch.cuda.reset_peak_memory_stats()
-        result[variant] = entry
-        del net, optimizer
+        result[variant] = _run_variant(variant, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi),
+                                       device, steps, warmup, seed)
     if "fused" in result and "reference" in result:
         result["fused_speedup_vs_reference"] = round(result["reference"]["median_ms"] / result["fused"]["median_ms"], 3)
     if "fused" in result and "mae_random" in result:

@@ -170,7 +170,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from timm.optim import param_groups_weight_decay
 
     lr = effective_lr(cfg.blr, cfg.batch_size, cfg.accum, dist.world_size)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                  foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling
     local_batches = len(dataset) // (cfg.batch_size * dist.world_size)
     if local_batches < cfg.accum:
