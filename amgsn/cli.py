@@ -213,3 +213,25 @@ def _run_make_synthetic(args) -> int:
 
         print(f"contact sheet: {contact_sheet(out, args.contact_sheet)}")
     return 0
+
+
+@command
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole method on the built-in synthetic set: data, pre-training, "
+                       "fine-tuning, evaluation, export, report (<= 15 min on 2 CPU cores; --quick <= 2 min)")
+    p.add_argument("--out", default="runs/demo", help="output folder (data, stages, report.html)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    p.add_argument("--data-dir", default=None, help="synthetic set location (default OUT/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from amgsn.engine.demo import DemoConfig, demo
+
+    demo(DemoConfig(out=args.out, quick=args.quick, data_dir=args.data_dir, seed=args.seed, workers=args.workers,
+                    device=args.device, progress=args.progress))
+    return 0
