@@ -1,0 +1,292 @@
+"""Triton kernels of ABMG masking: CLS-attention scores (DESIGN §3.1), selection (§3.2) and the fused
+scores -> selection -> visible-row gather (§3.5), one program per image.
+
+Semantics are exactly those of ``amgsn.ops.reference``:
+
+* scores: per head ``softmax(q_cls · kᵀ / sqrt(d))`` over all 1+N keys (fp32 accumulation, max
+  subtracted), CLS column dropped, mean over heads;
+* selection: values ``v = f64(s) + f64(noise) * scale`` ranked by (v descending, index ascending);
+  the first ``N - num_keep[b]`` are masked. The rank is a chunked pairwise count in float64 — packed
+  64-bit (value, index) keys cannot hold an f64 value plus an index, and ``tl.topk`` returns values
+  only (and differs across Triton versions);
+* kept ids ascending per image at ``ids_keep[cu[b]:cu[b+1]]``, output slot = exclusive cumsum.
+
+The launchers do not validate their arguments (``amgsn.ops`` does) and accept any strides.
+Only long-standing ``tl`` APIs are used (Triton 3.6 on the GPU machine, 3.8 + interpreter here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .gather import _col_block, _copy_rows, _row_block
+
+__all__ = ["cls_attention_scores", "abmg_select", "abmg_mask_and_gather"]
+
+
+def _launch_config(N: int, d: int, D: int) -> dict[str, int]:
+    """Block sizes by problem size, checked with ptxas -v for sm_90 (no spills, <= ~180 registers).
+
+    One program handles a whole image, so there are only B programs: 8 warps (N > 64) give each one
+    more loads in flight. The (NP, BDH) key tile and the (NP, BJ) float64 compare tile hold ~16
+    elements per thread; the (BR, BD) copy tile is the gather kernel's.
+    """
+    NP = triton.next_power_of_2(max(N, 1))
+    num_warps = 4 if NP <= 64 else 8
+    per_cta = 16 * 32 * num_warps
+    BD = _col_block(D)
+    return {
+        "NP": NP,
+        "BDH": max(1, min(triton.next_power_of_2(max(d, 1)), per_cta // NP)),
+        "BJ": max(1, min(32, 2 * per_cta // NP)),
+        "BD": BD,
+        "BR": _row_block(BD, NP),
+        "num_warps": num_warps,
+    }
+
+
+@triton.jit
+def _image_scores(
+    q_ptr, sqh, sqd, k_ptr, skh, skn, skd, H, N, d, sm_scale, NP: tl.constexpr, BDH: tl.constexpr
+):
+    """Scores (NP,) fp32 of one image (lanes >= N are 0). q_ptr/k_ptr point at the image's q_cls/k."""
+    offs_n = tl.arange(0, NP)
+    n_ok = offs_n < N
+    # Patch n is key 1+n: the CLS key (row 0) is handled separately so NP = next_pow2(N), not N+1.
+    key_rows = (1 + offs_n).to(tl.int64)[:, None] * skn
+    acc = tl.zeros([NP], dtype=tl.float32)
+    for h in range(H):
+        q_h = q_ptr + h * sqh
+        k_h = k_ptr + h * skh
+        dots = tl.zeros([NP], dtype=tl.float32)
+        dot_cls = tl.zeros([BDH], dtype=tl.float32)
+        for d0 in range(0, d, BDH):
+            offs_d = d0 + tl.arange(0, BDH)
+            d_ok = offs_d < d
+            q = tl.load(q_h + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
+            k_cls = tl.load(k_h + offs_d * skd, mask=d_ok, other=0.0).to(tl.float32)
+            dot_cls += q * k_cls
+            kt = tl.load(
+                k_h + key_rows + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)
+            dots += tl.sum(kt * q[None, :], axis=1)
+        logit_cls = tl.sum(dot_cls, axis=0) * sm_scale
+        logits = tl.where(n_ok, dots * sm_scale, float("-inf"))
+        m = tl.maximum(tl.max(logits, axis=0), logit_cls)
+        e = tl.exp(logits - m)  # padding lanes: exp(-inf) = 0
+        acc += e / (tl.sum(e, axis=0) + tl.exp(logit_cls - m))
+    return acc / H
+
+
+@triton.jit
+def _values(s, z, scale, HAS_NOISE: tl.constexpr):
+    """Selection values in float64. s, z fp32; the f32*f32 product is exact in f64, so FMA contraction
+    (which the compiler may apply on one call site and not another) cannot change a single bit."""
+    if HAS_NOISE:
+        return s.to(tl.float64) + z.to(tl.float64) * scale
+    else:
+        return s.to(tl.float64)
+
+
+@triton.jit
+def _select_image(
+    s_ptr,  # the image's scores, element n at s_ptr + n * ssn
+    ssn,
+    z_ptr,  # the image's noise (ignored without HAS_NOISE)
+    szn,
+    keep,  # num_keep of the image
+    t_start,  # cu_seqlens[b]
+    ids_ptr,  # packed ids_keep (int64)
+    mask_ptr,  # the image's mask row (uint8 view of bool)
+    N,
+    HAS_NOISE: tl.constexpr,
+    RELATIVE: tl.constexpr,
+    NP: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    offs = tl.arange(0, NP)
+    ok = offs < N
+    s = tl.load(s_ptr + offs * ssn, mask=ok, other=0.0).to(tl.float32)
+    z = s
+    scale = 1.0
+    if HAS_NOISE:
+        z = tl.load(z_ptr + offs * szn, mask=ok, other=0.0).to(tl.float32)
+        if RELATIVE:
+            # Range rounded to float32 first, as the reference computes it; 1 where it is 0.
+            s_max = tl.max(tl.where(ok, s, float("-inf")), axis=0)
+            span = s_max - tl.min(tl.where(ok, s, float("inf")), axis=0)
+            scale = tl.where(span > 0, span, 1.0).to(tl.float64)
+    v = _values(s, z, scale, HAS_NOISE)
+
+    # rank[i] = #{j : v[j] > v[i] or (v[j] == v[i] and j < i)}, counted over (NP, BJ) tiles. The j-side
+    # values are recomputed from memory (same formula, same bits): a register vector cannot be sliced.
+    rank = tl.zeros([NP], dtype=tl.int32)
+    for j0 in range(0, N, BJ):
+        offs_j = j0 + tl.arange(0, BJ)
+        j_ok = offs_j < N
+        s_j = tl.load(s_ptr + offs_j * ssn, mask=j_ok, other=0.0).to(tl.float32)
+        z_j = s_j
+        if HAS_NOISE:
+            z_j = tl.load(z_ptr + offs_j * szn, mask=j_ok, other=0.0).to(tl.float32)
+        v_j = _values(s_j, z_j, scale, HAS_NOISE)
+        # Float compares: -0.0 == +0.0, so signed zeros tie and fall back to index order.
+        tie = (v_j[None, :] == v[:, None]) & (offs_j[None, :] < offs[:, None])
+        before = (v_j[None, :] > v[:, None]) | tie
+        rank += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
+
+    masked = rank < (N - keep)
+    kept = ok & (rank >= (N - keep))
+    tl.store(mask_ptr + offs, masked.to(tl.uint8), mask=ok)
+    kept_i = kept.to(tl.int32)
+    slot = t_start + tl.cumsum(kept_i, axis=0) - kept_i  # exclusive prefix count: ascending ids
+    tl.store(ids_ptr + slot, offs.to(tl.int64), mask=kept)
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, out_ptr, H, N, d, sm_scale,
+    NP: tl.constexpr, BDH: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    scores = _image_scores(
+        q_ptr + b * sqb, sqh, sqd, k_ptr + b * skb, skh, skn, skd, H, N, d, sm_scale, NP, BDH
+    )
+    offs = tl.arange(0, NP)
+    tl.store(out_ptr + b * N + offs, scores, mask=offs < N)
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr, ssb, ssn, z_ptr, szb, szn, keep_ptr, cu_ptr, ids_ptr, mask_ptr, N,
+    HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    keep = tl.load(keep_ptr + b)
+    t_start = tl.load(cu_ptr + b)
+    _select_image(
+        s_ptr + b * ssb, ssn, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
+        HAS_NOISE, RELATIVE, NP, BJ,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fused_kernel(
+    q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, x_ptr, sxb, sxn, sxd, z_ptr, szb, szn,
+    keep_ptr, cu_ptr, scratch_ptr, ids_ptr, mask_ptr, out_ptr, H, N, d, D, sm_scale,
+    HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BDH: tl.constexpr,
+    BJ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NP)
+    scores = _image_scores(
+        q_ptr + b * sqb, sqh, sqd, k_ptr + b * skb, skh, skn, skd, H, N, d, sm_scale, NP, BDH
+    )
+    # The pairwise rank reads the scores in chunks, so they go through a (B, N) fp32 scratch row
+    # (L1/L2-resident); the barrier makes this program's stores visible to all of its threads.
+    tl.store(scratch_ptr + b * N + offs, scores, mask=offs < N)
+    tl.debug_barrier()
+    keep = tl.load(keep_ptr + b)
+    t_start = tl.load(cu_ptr + b)
+    _select_image(
+        scratch_ptr + b * N, 1, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
+        HAS_NOISE, RELATIVE, NP, BJ,
+    )  # fmt: skip
+    # Same trick for the ids: re-read them in row blocks so the copy can use wide, coalesced tiles;
+    # x is read only at the kept rows.
+    tl.debug_barrier()
+    _copy_rows(
+        x_ptr + b * sxb, sxn, sxd, ids_ptr, t_start, t_start + keep.to(tl.int32), out_ptr, D, D, BR, BD
+    )
+
+
+def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q_cls (B, H, d), k (B, H, 1+N, d) any float dtype and strides -> scores (B, N) float32.
+
+    Per head softmax(q·kᵀ/sqrt(d)) over all 1+N keys (fp32 accumulation), CLS column dropped, mean
+    over heads.
+    """
+    B, H, d = q_cls.shape
+    N = k.shape[2] - 1
+    out = torch.empty((B, N), dtype=torch.float32, device=q_cls.device)
+    if out.numel() == 0:
+        return out
+    cfg = _launch_config(N, d, 1)
+    _scores_kernel[(B,)](
+        q_cls, *q_cls.stride(), k, *k.stride(), out, H, N, d, 1.0 / math.sqrt(d),
+        NP=cfg["NP"], BDH=cfg["BDH"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def _noise_args(scores: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    # Without noise the kernel never reads the pointer (HAS_NOISE=False); pass any valid tensor.
+    if noise is None:
+        return scores, 0, 0
+    return noise, noise.stride(0), noise.stride(1)
+
+
+def abmg_select(
+    scores: torch.Tensor,
+    num_keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    total: int,
+    noise: torch.Tensor | None,
+    relative_noise: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, N) float, num_keep (B,) int64, cu_seqlens (B+1,) int32 (prefix sums of num_keep),
+    total = T = sum(num_keep), noise (B, N) or None -> (ids_keep (T,) int64, mask (B, N) bool).
+
+    One program per image; see the module docstring for the exact ranking rule.
+    """
+    B, N = scores.shape
+    ids = torch.empty((total,), dtype=torch.int64, device=scores.device)
+    mask = torch.empty((B, N), dtype=torch.bool, device=scores.device)
+    if mask.numel() == 0:
+        return ids, mask
+    z, szb, szn = _noise_args(scores, noise)
+    cfg = _launch_config(N, 1, 1)
+    _select_kernel[(B,)](
+        scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep, cu_seqlens, ids,
+        mask.view(torch.uint8), N, HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise),
+        NP=cfg["NP"], BJ=cfg["BJ"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return ids, mask
+
+
+def abmg_mask_and_gather(
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    x: torch.Tensor,
+    num_keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    total: int,
+    noise: torch.Tensor | None,
+    relative_noise: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores + selection + gather in ONE Triton launch, one program per image.
+
+    q_cls (B, H, d), k (B, H, 1+N, d), x (B, N, D), num_keep (B,) int64, cu_seqlens (B+1,) int32,
+    total = T, noise (B, N) or None -> (visible (T, D) in x.dtype, ids_keep (T,) int64, mask (B, N) bool).
+    """
+    B, H, d = q_cls.shape
+    N, D = x.shape[1], x.shape[2]
+    dev = x.device
+    visible = torch.empty((total, D), dtype=x.dtype, device=dev)
+    ids = torch.empty((total,), dtype=torch.int64, device=dev)
+    mask = torch.empty((B, N), dtype=torch.bool, device=dev)
+    if mask.numel() == 0:
+        return visible, ids, mask
+    scratch = torch.empty((B, N), dtype=torch.float32, device=dev)
+    z, szb, szn = _noise_args(scratch, noise)
+    cfg = _launch_config(N, d, D)
+    _fused_kernel[(B,)](
+        q_cls, *q_cls.stride(), k, *k.stride(), x, *x.stride(), z, szb, szn, num_keep, cu_seqlens,
+        scratch, ids, mask.view(torch.uint8), visible, H, N, d, D, 1.0 / math.sqrt(d),
+        HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise), NP=cfg["NP"], BDH=cfg["BDH"],
+        BJ=cfg["BJ"], BR=cfg["BR"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return visible, ids, mask
