@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench gpu-check lint clean
+.PHONY: setup demo test bench gpu-check lint clean build
 
 setup: $(STAMP)
 
@@ -41,3 +41,8 @@ gpu-check:
 
 clean:
 	rm -rf build amgsn/_C*.so $(STAMP)
+
+# Fast incremental rebuild of amgsn._C for development (CPU kernels only unless FORCE_CUDA=1);
+# serialised with a lock so parallel shells do not race in build/.
+build:
+	flock /tmp/amgsn-build.lock env FORCE_CUDA=$${FORCE_CUDA:-0} $(VPY) setup.py -q build_ext --inplace
