@@ -1,0 +1,22 @@
+"""Models: the MAE with a packed variable-length encoder, the ViT classifier, attention backends."""
+
+from amgsn.models.attention import BACKENDS, PackedLayout, resolve_backend, varlen_attention
+from amgsn.models.classifier import ViTClassifier, infer_vit_config
+from amgsn.models.pos_embed import sincos_2d
+from amgsn.models.sizes import VIT_SIZES, get_size, timm_vit_spec
+from amgsn.models.vit_mae import MAEOutput, MaskedAutoencoderViT
+
+__all__ = [
+    "BACKENDS",
+    "MAEOutput",
+    "MaskedAutoencoderViT",
+    "PackedLayout",
+    "VIT_SIZES",
+    "ViTClassifier",
+    "get_size",
+    "infer_vit_config",
+    "resolve_backend",
+    "sincos_2d",
+    "timm_vit_spec",
+    "varlen_attention",
+]
