@@ -66,6 +66,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--ratio-min", type=float, default=0.5)
     p.add_argument("--ratio-max", type=float, default=0.9)
     p.add_argument("--eta", type=float, default=0.05, help="MRUS step size")
+    p.add_argument("--ratio-momentum", type=float, default=0.9,
+                   help="EMA momentum of MRUS's running mean loss (a slow mean lags a falling loss and "
+                        "pushes every ratio up)")
     p.add_argument("--sigma", type=float, default=0.5, help="ABMG noise on min-max-normalised saliency")
     p.add_argument("--abmg-warmup", type=int, default=None, help="epochs of random masking (default 10%%)")
     p.add_argument("--teacher", default="online", choices=["online", "ema"])
@@ -235,3 +238,204 @@ def _run_demo(args) -> int:
     demo(DemoConfig(out=args.out, quick=args.quick, data_dir=args.data_dir, seed=args.seed, workers=args.workers,
                     device=args.device, progress=args.progress))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune / evaluate / export / predict
+# ---------------------------------------------------------------------------------------------
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def _fail(name: str, err: Exception) -> int:
+    print(f"amgsn {name}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _none_or_str(text: str) -> str | None:
+    return None if text.lower() in ("none", "off", "") else text
+
+
+@command
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a ViT classifier: CE + debiased center + SupCon (DESIGN §4.3)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="synthetic", help="rafdb | affectnet | fer2013 | ferplus | folder | synthetic")
+    p.add_argument("--data-dir", required=True, help="root folder of the data set (its train split is used)")
+    p.add_argument("--out", required=True, help="output folder (config, log.jsonl, checkpoints)")
+    p.add_argument("--init", default=None, help="an `amgsn pretrain` checkpoint or timm weights (.safetensors/.pth); "
+                   "default: from scratch")
+    p.add_argument("--model", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+                   help="default: the --init weights' size, else vit_tiny")
+    p.add_argument("--img-size", type=int, default=None, help="default: --init's, else 112")
+    p.add_argument("--patch-size", type=int, default=None, help="default: --init's, else 8")
+    p.add_argument("--depth", type=int, default=None, help="encoder depth override (default: the size's / --init's)")
+    p.add_argument("--global-pool", default="avg", choices=["avg", "token"])
+    p.add_argument("--num-classes", type=int, default=None, help="AffectNet / FERPlus: 7 or 8")
+    p.add_argument("--classes", default=None, help="folder data sets: comma-separated class names, or a data set "
+                   "name whose list to use (e.g. rafdb)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr x batch x ranks / 256")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay")
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip (default: none)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--lambda-center", type=float, default=0.01, help="weight of the debiased center loss (0 = off)")
+    p.add_argument("--lambda-supcon", type=float, default=0.1, help="weight of SupCon (0 = off, one view only)")
+    p.add_argument("--center-weighting", default="inverse", choices=["inverse", "effective", "none"])
+    p.add_argument("--center-alpha", type=float, default=0.5, help="center update rate")
+    p.add_argument("--temperature", type=float, default=0.07, help="SupCon temperature")
+    p.add_argument("--auto-augment", type=_none_or_str, default="rand-m9-mstd0.5-inc1-mmax9",
+                   help="timm RandAugment policy ('none' = off)")
+    p.add_argument("--re-prob", type=float, default=0.25, help="random erasing probability")
+    p.add_argument("--balanced-sampler", action="store_true", help="draw each class equally often")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="stratified validation part of the train split, for model selection (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1, help="write checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (same configuration)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/labels (counted, reported)")
+    p.add_argument("--cache-images", action="store_true", help="decode every image once, keep them in memory")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run_finetune)
+
+
+def _split_classes(text: str | None) -> list[str] | str | None:
+    if text is None or "," not in text:
+        return text
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _run_finetune(args) -> int:
+    from amgsn.engine.finetune import FinetuneConfig, finetune
+
+    fields = FinetuneConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["classes"] = _split_classes(args.classes)
+    try:
+        summary = finetune(FinetuneConfig(**values))
+    except _USER_ERRORS as e:
+        return _fail("finetune", e)
+    best = summary.get("best_metric")
+    best_txt = "" if best is None else f", best val mean class accuracy {best:.4f} (epoch {summary['best_epoch']})"
+    print(f"fine-tuning done{best_txt}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+@command
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="balanced metrics of a fine-tuned checkpoint on a full split (+ plots)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", default=None, help="finetune checkpoint, run folder or exported .safetensors")
+    which.add_argument("--seeds", nargs="+", default=None, metavar="RUN",
+                       help="several checkpoints / run folders (one per seed; or their metrics.json): evaluate "
+                       "each, then write OUT/summary.json with mean ± std")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir", default=None, help="root folder of the data set (not needed for metrics.json runs)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval; required with --seeds)")
+    p.add_argument("--class-map", default=None, help="'DatasetName=CheckpointName,...' or a JSON file, for data sets "
+                   "whose class names differ from the checkpoint's")
+    p.add_argument("--num-classes", type=int, default=None, help="AffectNet / FERPlus: 7 or 8")
+    p.add_argument("--classes", default=None, help="folder data sets: class names (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from pathlib import Path
+
+    from amgsn.engine.evaluate import evaluate, format_summary, parse_class_map, summarize_runs
+
+    try:
+        class_map = parse_class_map(args.class_map)
+        classes = _split_classes(args.classes)
+        opts = {"class_map": class_map, "num_classes": args.num_classes, "device": args.device,
+                "batch_size": args.batch_size, "workers": args.workers, "skip_bad": args.skip_bad,
+                "progress": args.progress, "classes": classes}
+        if args.checkpoint is not None:
+            if args.data_dir is None:
+                raise ValueError("--data-dir is required with --checkpoint")
+            m = evaluate(args.checkpoint, args.dataset, args.data_dir, args.split, args.out, **opts)
+            print(f"accuracy {m['accuracy']:.4f}, mean class accuracy {m['mean_class_accuracy']:.4f}, "
+                  f"std per class (ddof 0) {m['std_per_class_ddof0']:.4f}; wrote {m['out']}/metrics.json")
+            return 0
+        if args.out is None:
+            raise ValueError("--out is required with --seeds (where summary.json goes)")
+        files = []
+        for i, run in enumerate(args.seeds):
+            path = Path(run)
+            done = path / "metrics.json" if path.is_dir() else path
+            if done.name == "metrics.json" and done.is_file():
+                files.append(done)  # already evaluated
+                continue
+            if args.data_dir is None:
+                raise ValueError(f"--data-dir is required to evaluate {run}")
+            name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}"
+            m = evaluate(run, args.dataset, args.data_dir, args.split, Path(args.out) / f"{i}-{name}", **opts)
+            files.append(Path(m["out"]) / "metrics.json")
+        summary = summarize_runs(files, args.out)
+    except _USER_ERRORS as e:
+        return _fail("evaluate", e)
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+@command
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="timm-compatible safetensors of a fine-tuned checkpoint (classes + timm "
+                       "model in the metadata)")
+    p.add_argument("checkpoint", metavar="CKPT", help="finetune checkpoint or run folder")
+    p.add_argument("--out", default=None, help="output file (default: CKPT_DIR/model.safetensors)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from amgsn.engine.export import export
+    from amgsn.engine.inference import resolve_checkpoint
+
+    try:
+        out = args.out or resolve_checkpoint(args.checkpoint).parent / "model.safetensors"
+        path = export(args.checkpoint, out)
+    except _USER_ERRORS as e:
+        return _fail("export", e)
+    print(f"exported {path}")
+    return 0
+
+
+@command
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="class probabilities for images (optionally on the largest face)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, help="finetune checkpoint, run folder or exported .safetensors")
+    p.add_argument("--detect-face", action="store_true", help="crop the largest face (OpenCV Haar cascade) first")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    import json
+
+    from amgsn.engine.predict import FaceDetectionUnavailable, format_results, predict
+
+    try:
+        results = predict(args.images, args.checkpoint, detect_face=args.detect_face, device=args.device)
+    except (*_USER_ERRORS, FaceDetectionUnavailable) as e:
+        return _fail("predict", e)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    # Exit status 1 when some file could not be classified (the others were still printed).
+    return 1 if any("error" in r for r in results) else 0

@@ -53,6 +53,7 @@ class PretrainConfig:
     ratio_min: float = 0.5
     ratio_max: float = 0.9
     eta: float = 0.05
+    ratio_momentum: float = 0.9  # EMA momentum of MRUS's running mean loss
     sigma: float = 0.5
     abmg_warmup: int | None = None  # epochs of random masking; default 10 % of --epochs
     teacher: str = "online"
@@ -166,7 +167,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     policy = MaskingPolicy(cfg.mask_mode, epochs=cfg.epochs, warmup_epochs=cfg.abmg_warmup, sigma=cfg.sigma,
                            impl=cfg.impl, teacher=cfg.teacher, ema_decay=cfg.ema)
     bank = RatioBank(len(dataset), r0=cfg.mask_ratio, eta=cfg.eta, r_min=min(cfg.ratio_min, cfg.mask_ratio),
-                     r_max=max(cfg.ratio_max, cfg.mask_ratio))
+                     r_max=max(cfg.ratio_max, cfg.mask_ratio), momentum=cfg.ratio_momentum)
     from timm.optim import param_groups_weight_decay
 
     lr = effective_lr(cfg.blr, cfg.batch_size, cfg.accum, dist.world_size)
