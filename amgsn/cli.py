@@ -331,16 +331,15 @@ def _run_finetune(args) -> int:
 
 @command
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="balanced metrics of a fine-tuned checkpoint on a full split (+ plots)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("evaluate", help="balanced metrics of a fine-tuned checkpoint on a full split (+ plots)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", default=None, help="finetune checkpoint, run folder or exported .safetensors")
     which.add_argument("--seeds", nargs="+", default=None, metavar="RUN",
                        help="several checkpoints / run folders (one per seed; or their metrics.json): evaluate "
                        "each, then write OUT/summary.json with mean ± std")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="data set name (default: synthetic)")
     p.add_argument("--data-dir", default=None, help="root folder of the data set (not needed for metrics.json runs)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/eval; required with --seeds)")
     p.add_argument("--class-map", default=None, help="'DatasetName=CheckpointName,...' or a JSON file, for data sets "
                    "whose class names differ from the checkpoint's")

@@ -1,0 +1,509 @@
+"""AMGSN fine-tuning (DESIGN §4.3): CE + debiased center loss + SupCon over two augmented views.
+
+``finetune(FinetuneConfig(...))`` is what ``amgsn finetune`` runs. The recipe is MAE's ViT
+fine-tuning (AdamW from timm's factory with layer-wise lr decay, drop path, per-step cosine with
+warm-up, RandAugment + random erasing) with the debiasing terms added:
+
+    L = CE(label_smoothing) + λ_center · DebiasedCenterLoss(pooled) + λ_supcon · SupCon(projection)
+
+A stratified validation split carved from the training split (deterministic in the seed) drives
+model selection by mean class accuracy; the test split is never looked at here. Output folder:
+``config.json``, ``log.jsonl`` (one line per epoch), ``checkpoint-<epoch>.pth``,
+``checkpoint-last.pth`` and ``checkpoint-best.pth`` (all atomic). Resuming from any of them with
+the same configuration reproduces the uninterrupted run exactly (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from amgsn.engine import checkpoint as ckpt
+from amgsn.engine import distributed
+from amgsn.engine.common import (
+    JsonlLog,
+    NonFiniteGuard,
+    autocast,
+    cosine_scheduler,
+    effective_lr,
+    epoch_loader,
+    resolve_device,
+    write_config,
+)
+from amgsn.engine.inference import predict_dataset
+from amgsn.metrics import classification_metrics, confusion_matrix
+from amgsn.models import ViTClassifier
+
+WEIGHTINGS = ("inverse", "effective", "none")
+# MAE's RandAugment policy, with the magnitude capped at 9: at magnitude 10 timm's "increasing"
+# posterize asks Pillow for 0 bits, which Pillow >= 11 rejects (a crash on ~0.15 % of images).
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+DEFAULT_SIZE = {"model": "vit_tiny", "img_size": 112, "patch_size": 8}
+"""Encoder size of a from-scratch run when none is given (the demo's); with ``--init`` the size
+comes from the weights."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a fine-tuning run (the CLI flags map 1:1; see ``amgsn finetune --help``).
+
+    ``model`` / ``img_size`` / ``patch_size`` / ``depth`` left at None mean "whatever ``init``
+    holds" (or :data:`DEFAULT_SIZE` from scratch); given explicitly they must match ``init``.
+    """
+
+    data_dir: str
+    out: str
+    dataset: str = "synthetic"
+    init: str | None = None
+    model: str | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    global_pool: str = "avg"
+    proj_dim: int = 128
+    num_classes: int | None = None  # AffectNet / FERPlus: 7 or 8
+    classes: list[str] | None = None  # the class list of a "folder" data set
+    epochs: int = 30
+    batch_size: int = 64
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None
+    label_smoothing: float = 0.1
+    lambda_center: float = 0.01
+    lambda_supcon: float = 0.1
+    center_weighting: str = "inverse"
+    center_alpha: float = 0.5
+    temperature: float = 0.07
+    auto_augment: str | None = RAND_AUGMENT
+    re_prob: float = 0.25
+    balanced_sampler: bool = False
+    val_fraction: float = 0.1
+    seed: int = 0
+    save_every: int = 1
+    max_steps: int | None = None
+    workers: int = 2
+    device: str = "auto"
+    resume: str | None = None
+    skip_bad: bool = False
+    cache_images: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "save_every", "proj_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        for name in ("lambda_center", "lambda_supcon", "weight_decay", "min_lr", "warmup_epochs", "drop_path"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not (self.blr > 0 and math.isfinite(self.blr)):
+            raise ValueError(f"--blr must be > 0, got {self.blr}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
+        if not 0.0 < self.center_alpha <= 1.0:
+            raise ValueError(f"--center-alpha must lie in (0, 1], got {self.center_alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.center_weighting not in WEIGHTINGS:
+            raise ValueError(f"--center-weighting must be one of {WEIGHTINGS}, got {self.center_weighting!r}")
+        if self.init is not None and self.resume is not None:
+            raise ValueError("--init and --resume exclude each other: a resumed run takes its weights "
+                             "from the checkpoint")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split sample indices into (train, val), each class in proportion ``fraction``.
+
+    Per class with n samples: ``round(fraction * n)`` go to validation, at least 1 when n >= 2
+    (so rare classes are validated at all) and at most n - 1 (so every class is still trained
+    on). A class with one sample stays in training. Deterministic in ``seed``; both lists sorted.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+    labels = torch.as_tensor(list(targets), dtype=torch.int64)
+    if fraction == 0.0 or labels.numel() == 0:
+        return list(range(labels.numel())), []
+    gen = torch.Generator().manual_seed(seed)
+    val: list[int] = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        n = members.numel()
+        if n < 2:
+            continue
+        k = min(max(1, round(fraction * n)), n - 1)
+        val += members[torch.randperm(n, generator=gen)[:k]].tolist()
+    val_set = set(val)
+    return [i for i in range(labels.numel()) if i not in val_set], sorted(val)
+
+
+class SplitView(Dataset):
+    """Samples ``indices`` of a FER data set with their own transform: ``view[j] -> (image, label, j)``.
+
+    Lets the training and validation parts of one split share a single (possibly cached) data set
+    while using different transforms.
+    """
+
+    def __init__(self, base: Any, indices: Sequence[int], transform: Callable | None) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.transform = transform
+        self.classes = list(base.classes)
+        self.targets = [base.targets[i] for i in self.indices]
+        counts = torch.bincount(torch.as_tensor(self.targets, dtype=torch.int64), minlength=len(self.classes))
+        self.class_counts = [int(c) for c in counts[: len(self.classes)]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[Any, int, int]:
+        img = self.base.load_image(self.indices[j])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[j], j
+
+
+def _dataset_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": cfg.num_classes, "skip_bad": cfg.skip_bad}
+    if cfg.dataset == "folder":
+        kwargs["classes"] = cfg.classes
+    if cfg.cache_images:
+        kwargs["cache"] = True
+    return kwargs
+
+
+def _build_splits(cfg: FinetuneConfig, base: Any, img_size: int) -> tuple[SplitView, SplitView | None]:
+    """(training view, validation view or None) of the untransformed training split ``base``."""
+    from amgsn.data import TwoViewTransform, build_eval_transform, build_finetune_transform
+
+    train_idx, val_idx = stratified_split(base.targets, cfg.val_fraction, cfg.seed)
+    tf = build_finetune_transform(img_size, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob)
+    # With λ_supcon = 0 the second view would be computed for nothing: one view then.
+    train_tf = TwoViewTransform(tf) if cfg.lambda_supcon > 0 else tf
+    train = SplitView(base, train_idx, train_tf)
+    val = SplitView(base, val_idx, build_eval_transform(img_size)) if val_idx else None
+    return train, val
+
+
+# --------------------------------------------------------------------------- model
+
+
+def model_config(model: ViTClassifier) -> dict[str, Any]:
+    """What :func:`amgsn.engine.inference.build_classifier_from_state` needs to rebuild ``model``."""
+    return {"model": model.model_name, "img_size": model.img_size, "patch_size": model.patch_size,
+            "depth": model.depth, "in_chans": model.in_chans, "global_pool": model.global_pool,
+            "num_classes": model.num_classes, "proj_dim": model.proj_head[-1].out_features}
+
+
+def _requested_size(cfg: FinetuneConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("model", "img_size", "patch_size", "depth") if getattr(cfg, k) is not None}
+
+
+def _read_init(path: str) -> Any:
+    """The object in an ``--init`` file: a checkpoint dict, a state dict, or None for safetensors."""
+    if path.endswith(".safetensors"):
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init file not found: {path}")
+    try:
+        # Our checkpoints hold NumPy RNG state, which weights_only loading refuses.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"--init {path} is not a readable torch file ({exc.__class__.__name__}: {exc})") from exc
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> ViTClassifier:
+    """The classifier, from scratch or initialised from ``cfg.init`` (an ``amgsn pretrain``
+    checkpoint, or a timm-format weights file). ValueError on a wrong kind or size."""
+    common = {"global_pool": cfg.global_pool, "drop_path_rate": cfg.drop_path, "proj_dim": cfg.proj_dim}
+    size = _requested_size(cfg)
+    if cfg.init is None:
+        size = {**DEFAULT_SIZE, **size}
+        name = size.pop("model")
+        return ViTClassifier(name, num_classes, **size, **common)
+    obj = _read_init(cfg.init)
+    if isinstance(obj, dict) and "kind" in obj:
+        if obj["kind"] != "pretrain":
+            hint = " (continue a fine-tuning run with --resume)" if obj["kind"] == "finetune" else ""
+            raise ValueError(f"--init {cfg.init} is a {obj['kind']!r} checkpoint; --init takes an `amgsn pretrain` "
+                             f"checkpoint or a timm weights file{hint}")
+        return ViTClassifier.from_pretrain_checkpoint(obj, num_classes, **size, **common)
+    return ViTClassifier.from_timm_weights(cfg.init, num_classes, **size, **common)
+
+
+class _TrainForward(nn.Module):
+    """One forward for DDP: pooled features, logits and (if SupCon is on) the projection."""
+
+    def __init__(self, model: ViTClassifier, project: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.project = project
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        pooled, logits = self.model.forward_features_and_logits(x)
+        return pooled, logits, self.model.project(pooled) if self.project else None
+
+
+# --------------------------------------------------------------------------- loop pieces
+
+
+def _balanced_sampler(train: SplitView, cfg: FinetuneConfig, epoch: int):
+    from amgsn.data import build_balanced_sampler
+
+    dist = distributed.info()
+    # A fresh generator per (seed, epoch, rank): the draws of epoch e are the same after a resume,
+    # and each rank draws its own share.
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + dist.rank)
+    return build_balanced_sampler(train.targets, len(train) // dist.world_size, generator=gen,
+                                  num_classes=len(train.classes))
+
+
+@torch.no_grad()
+def _validate(model: ViTClassifier, val: SplitView | None, cfg: FinetuneConfig, device: str) -> dict[str, Any]:
+    if val is None:
+        return {"val_accuracy": None, "val_mean_class_accuracy": None, "val_std_per_class_ddof0": None}
+    pred = predict_dataset(model, val, device=device, batch_size=cfg.batch_size, workers=cfg.workers,
+                           progress=cfg.progress, desc="validate")
+    m = classification_metrics(confusion_matrix(pred.labels, pred.preds, len(val.classes)), val.classes)
+    return {"val_accuracy": m["accuracy"], "val_mean_class_accuracy": m["mean_class_accuracy"],
+            "val_std_per_class_ddof0": m["std_per_class_ddof0"]}
+
+
+def _checkpoint_state(cfg, model, optimizer, center, classes, num_images, epoch, global_step, best) -> dict[str, Any]:
+    return {
+        "kind": "finetune",
+        "args": dataclasses.asdict(cfg),
+        "model_config": model_config(model),
+        "classes": list(classes),
+        "num_images": num_images,  # of the training split, validation part included
+        "epoch": epoch,
+        "global_step": global_step,  # the schedule is a function of the step: this is its whole state
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "center_loss": center.state_dict() if center is not None else None,
+        "best_metric": best["metric"],
+        "best_epoch": best["epoch"],
+        "rng": ckpt.rng_state(),
+    }
+
+
+def _check_resume(state: dict[str, Any], cfg: FinetuneConfig, classes: list[str], num_train_images: int) -> None:
+    src = cfg.resume
+    if list(state["classes"]) != list(classes):
+        raise ValueError(f"{src} was trained on classes {state['classes']}, the data set has {classes}")
+    mc = state["model_config"]
+    bad = [f"{k}: checkpoint {mc[k]!r}, requested {v!r}" for k, v in _requested_size(cfg).items() if mc.get(k) != v]
+    args = state.get("args", {})
+    # The validation split is a function of (seed, val_fraction, data set): all must be the same.
+    for key in ("seed", "val_fraction", "lambda_supcon", "lambda_center"):
+        if key in args and args[key] != getattr(cfg, key):
+            bad.append(f"{key}: checkpoint {args[key]!r}, requested {getattr(cfg, key)!r}")
+    if state.get("num_images") not in (None, num_train_images):
+        bad.append(f"training images: checkpoint {state['num_images']}, data set {num_train_images}")
+    if bad:
+        raise ValueError(f"cannot resume from {src}: " + "; ".join(bad))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) fine-tuning; returns a summary: the last epoch's log record plus ``out``,
+    ``checkpoint`` (best), ``checkpoint_last``, ``best_metric`` and ``best_epoch``."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist = distributed.init(device)
+    if device == "cuda" and dist.enabled:
+        device = f"cuda:{dist.local_rank}"
+    out = Path(cfg.out)
+    ckpt.seed_everything(cfg.seed + dist.rank)
+
+    state = ckpt.load_checkpoint(cfg.resume, kind="finetune") if cfg.resume else None
+    # The data set is read first (untransformed: the views add the transforms), because its
+    # number of classes sizes the head and the model's image size sizes the transforms.
+    from amgsn.data import build_dataset
+
+    base = build_dataset(cfg.dataset, cfg.data_dir, "train", **_dataset_kwargs(cfg))
+    classes = list(base.classes)
+    if state is not None:
+        from amgsn.engine.inference import build_classifier_from_state
+
+        model = build_classifier_from_state(state, drop_path_rate=cfg.drop_path)
+    else:
+        model = build_model(cfg, len(classes))
+    train, val = _build_splits(cfg, base, model.img_size)
+    if state is not None:
+        _check_resume(state, cfg, classes, len(base))
+    model.to(device)
+
+    from amgsn.losses import DebiasedCenterLoss, SupConLoss
+
+    embed_dim = model.vit.embed_dim
+    center = None
+    if cfg.lambda_center > 0:
+        # Weights from the part of the split that is trained on (validation samples excluded).
+        # check_finite off: a non-finite loss is the NonFiniteGuard's to skip, not a hard error
+        # (and it saves a host sync per step on CUDA).
+        center = DebiasedCenterLoss(len(classes), embed_dim, class_counts=train.class_counts,
+                                    weighting=cfg.center_weighting, alpha=cfg.center_alpha,
+                                    check_finite=False).to(device)
+    supcon = SupConLoss(temperature=cfg.temperature) if cfg.lambda_supcon > 0 else None
+
+    from timm.optim import create_optimizer_v2
+
+    lr = effective_lr(cfg.blr, cfg.batch_size, 1, dist.world_size)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay)
+    steps_per_epoch = len(train) // (cfg.batch_size * dist.world_size)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training part of the split ({len(train)} images after carving "
+                         f"{0 if val is None else len(val)} for validation) is smaller than one batch "
+                         f"({cfg.batch_size} x {dist.world_size} ranks): lower --batch-size")
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = cosine_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr)
+
+    start_epoch, global_step = 0, 0
+    best: dict[str, Any] = {"metric": None, "epoch": None}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if center is not None:
+            if state.get("center_loss") is None:
+                raise ValueError(f"{cfg.resume} holds no center-loss state")
+            center.load_state_dict(state["center_loss"])
+        ckpt.set_rng_state(state["rng"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        best = {"metric": state.get("best_metric"), "epoch": state.get("best_epoch")}
+        del state
+
+    step_fn: nn.Module = _TrainForward(model, project=supcon is not None)
+    if dist.enabled:
+        step_fn = nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+            find_unused_parameters=supcon is None)  # the projection head is idle without SupCon
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, {"stage": "finetune", **dataclasses.asdict(cfg), "classes": classes,
+                           "model_config": model_config(model), "num_train": len(train),
+                           "num_val": 0 if val is None else len(val), "train_class_counts": train.class_counts,
+                           "lr": lr, "world_size": dist.world_size, "device": device})
+    log = JsonlLog(out / "log.jsonl", enabled=dist.is_main)
+    guard = NonFiniteGuard()
+    record: dict[str, Any] = {}
+    done = global_step >= total_steps
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        model.train()
+        sampler = _balanced_sampler(train, cfg, epoch) if cfg.balanced_sampler else None
+        loader = epoch_loader(train, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
+                              drop_last=True, workers=cfg.workers, sampler=sampler)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, center, supcon (sample-weighted), images
+        skipped_before = guard.total
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.progress and dist.is_main))
+        for i, (imgs, labels, _idx) in enumerate(bar):
+            # Two views -> one 2B batch through the encoder; CE and center loss see both views.
+            x = torch.cat(imgs) if isinstance(imgs, (list, tuple)) else imgs
+            x = x.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            b = labels.shape[0]
+            views = x.shape[0] // b
+            all_labels = labels.repeat(views)
+            scheduler.step_update(global_step)
+            with autocast(device):
+                pooled, logits, proj = step_fn(x)
+            loss_ce = F.cross_entropy(logits.float(), all_labels, label_smoothing=cfg.label_smoothing)
+            loss = loss_ce
+            loss_center = loss_supcon = torch.zeros((), device=device)
+            if center is not None:
+                loss_center = center(pooled.float(), all_labels)
+                loss = loss + cfg.lambda_center * loss_center
+            if supcon is not None:
+                # Re-normalised in float32: under bf16 autocast the head's normalisation is only ~1e-2 exact.
+                z = F.normalize(proj.float(), dim=-1).view(views, b, -1).transpose(0, 1)  # (B, V, D)
+                loss_supcon = supcon(z, labels)
+                loss = loss + cfg.lambda_supcon * loss_supcon
+            if not guard.check(loss.detach(), f"epoch {epoch} batch {i}"):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            if center is not None:
+                # After the optimiser step (DESIGN §4.3); all-reduced across ranks inside.
+                center.update_centers(pooled.detach().float(), all_labels)
+            global_step += 1
+            parts = [loss, loss_ce, loss_center, loss_supcon]
+            sums += torch.tensor([float(t.detach()) * b for t in parts] + [b], dtype=torch.float64)
+            bar.set_postfix(loss=f"{sums[0] / max(float(sums[4]), 1):.4f}",
+                            lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
+            if global_step >= total_steps:
+                done = True
+                break
+        elapsed = time.perf_counter() - start
+        totals = distributed.all_reduce_sum(sums.to(device)).tolist()
+        n = max(totals[4], 1.0)
+        metrics = _validate(model, val, cfg, device)
+        record = {
+            "stage": "finetune", "epoch": epoch, "step": global_step,
+            "loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_center": totals[2] / n,
+            "loss_supcon": totals[3] / n, "lr": max(g["lr"] for g in optimizer.param_groups),
+            **metrics, "images_per_s": totals[4] / max(elapsed, 1e-9),
+            "skipped_steps": guard.total - skipped_before, "seconds": elapsed,
+        }
+        score = metrics["val_mean_class_accuracy"]
+        # Strictly better only: on a tie the earlier (less trained) epoch stays the best.
+        improved = score is None or best["metric"] is None or score > best["metric"]
+        if improved:
+            best = {"metric": score, "epoch": epoch}
+        record["best_epoch"] = best["epoch"]
+        log.write(record)
+        last_epoch = epoch + 1 == cfg.epochs or done
+        if dist.is_main:
+            snap = _checkpoint_state(cfg, model, optimizer, center, classes, len(base), epoch, global_step, best)
+            if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+                ckpt.save_atomic(snap, out / f"checkpoint-{epoch}.pth")
+            if improved:
+                ckpt.save_atomic(snap, out / "checkpoint-best.pth")
+            ckpt.save_atomic(snap, out / "checkpoint-last.pth")
+            if cfg.progress:
+                val_txt = "" if score is None else (f", val acc {metrics['val_accuracy']:.3f}, "
+                                                    f"val mean class acc {score:.3f}")
+                tqdm.write(f"finetune epoch {epoch}: loss {record['loss']:.4f}{val_txt}, "
+                           f"{record['images_per_s']:.1f} img/s")
+    distributed.barrier()
+    return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-best.pth"),
+            "checkpoint_last": str(out / "checkpoint-last.pth"), "best_metric": best["metric"],
+            "best_epoch": best["epoch"], "classes": classes}
