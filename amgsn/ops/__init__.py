@@ -1,6 +1,14 @@
 """Public operators of amgsn (DESIGN §3). Each works on CPU (C++) and CUDA (Triton / CUDA),
 under autograd and ``torch.compile``, and has a pure-PyTorch twin in :mod:`amgsn.ops.reference`."""
 
+from amgsn.ops.center_loss import (
+    CenterStats,
+    center_apply_,
+    center_stats,
+    center_update_,
+    debiased_center_loss,
+    debiased_center_loss_with_stats,
+)
 from amgsn.ops.masking import (
     MaskSelection,
     abmg_mask_and_gather,
@@ -9,9 +17,17 @@ from amgsn.ops.masking import (
     gather_visible,
     scatter_visible,
 )
+from amgsn.ops.supcon import supcon_loss
 
 __all__ = [
+    "CenterStats",
     "MaskSelection",
+    "center_apply_",
+    "center_stats",
+    "center_update_",
+    "debiased_center_loss",
+    "debiased_center_loss_with_stats",
+    "supcon_loss",
     "abmg_mask_and_gather",
     "abmg_select",
     "cls_attention_scores",

@@ -158,3 +158,79 @@ def abmg_mask_and_gather_full(
 # --------------------------------------------------------------------------------------------
 # Losses (DESIGN §3.6–3.8) — see below.
 # --------------------------------------------------------------------------------------------
+
+
+def debiased_center_loss(
+    features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, class_weights: torch.Tensor
+) -> torch.Tensor:
+    """The common distance-matrix center loss, with class weights (DESIGN §3.6).
+
+    ``‖f‖² + ‖c‖² − 2 f cᵀ`` for every (sample, class) pair (B, C), masked to each sample's own
+    class, clamped at 0 (the expansion can dip below), summed per sample, weighted by
+    ``class_weights[labels]``: ``Σ_i w[y_i]·½ d_i / Σ_i w[y_i]`` (0 when the weights sum to 0).
+    Computed in float32 (float64 when features or centers are); centers get no gradient.
+    """
+    dtype = torch.float64 if torch.float64 in (features.dtype, centers.dtype) else torch.float32
+    f = features.to(dtype)
+    c = centers.detach().to(dtype)
+    B, C = f.shape[0], c.shape[0]
+    distmat = f.pow(2).sum(dim=1, keepdim=True).expand(B, C) + c.pow(2).sum(dim=1, keepdim=True).expand(C, B).t()
+    distmat = distmat.addmm(f, c.t(), beta=1, alpha=-2)
+    classes = torch.arange(C, device=f.device)
+    mask = labels.unsqueeze(1).expand(B, C).eq(classes.expand(B, C))
+    dist = (distmat.clamp(min=0) * mask.to(dtype)).sum(dim=1)
+    w = class_weights.detach().to(dtype)[labels]
+    return 0.5 * (w * dist).sum() / w.sum().clamp_min(torch.finfo(dtype).tiny)
+
+
+def center_update_(
+    features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Wen et al. update as a separate pass (DESIGN §3.7), vectorised with ``index_add_``:
+    ``c_j ← c_j − α·Σ_{i: y_i = j}(c_j − f_i) / (1 + n_j)``, in place; returns ``centers``."""
+    with torch.no_grad():
+        f = features.detach().to(centers.dtype)
+        diff = centers[labels] - f
+        delta = torch.zeros_like(centers).index_add_(0, labels, diff)
+        counts = torch.bincount(labels, minlength=centers.shape[0]).to(centers.dtype)
+        centers.sub_(alpha * delta / (1.0 + counts).unsqueeze(1))
+    return centers
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Khosla et al. ``SupConLoss`` (contrast_mode "all"), as in their reference code (DESIGN §3.8).
+
+    features (B, V, D) L2-normalised, labels (B,). Differences from the original, as the spec asks:
+    anchors without a positive are excluded from the mean (the original counts them as 0), and
+    optional ``class_weights`` (C,) weight each anchor by its class: ``Σ_a w_a ℓ_a / Σ_a w_a``.
+    Computed in float32 (float64 for float64 features).
+    """
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    B, V = features.shape[0], features.shape[1]
+    device = features.device
+    labels = labels.contiguous().view(-1, 1)
+    mask = torch.eq(labels, labels.T).to(dtype)
+    contrast_feature = torch.cat(torch.unbind(features.to(dtype), dim=1), dim=0)
+    anchor_dot_contrast = torch.div(torch.matmul(contrast_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(V, V)
+    logits_mask = torch.scatter(
+        torch.ones_like(mask), 1, torch.arange(B * V, device=device).view(-1, 1), 0
+    )
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    pos_count = mask.sum(1)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / pos_count.clamp(min=1)
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    weights = (pos_count > 0).to(dtype)
+    if class_weights is not None:
+        weights = weights * class_weights.to(dtype)[labels.view(-1)].repeat(V)
+    return (loss * weights).sum() / weights.sum().clamp_min(torch.finfo(dtype).tiny)
