@@ -98,6 +98,8 @@ def _run_pretrain(args) -> int:
     fields = PretrainConfig.__dataclass_fields__
     cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = pretrain(cfg)
+    if summary["rank"] != 0:
+        return 0
     print(f"pre-training done: loss {summary.get('loss', float('nan')):.4f}, checkpoint {summary['checkpoint']}")
     return 0
 

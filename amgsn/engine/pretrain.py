@@ -97,8 +97,9 @@ def _load_train_set(cfg: PretrainConfig):
     from amgsn.data import build_dataset
     from amgsn.data.transforms import build_pretrain_transform
 
+    # Decode once: small sets are cached in memory (the loader must not be the step's bottleneck).
     return build_dataset(cfg.dataset, cfg.data_dir, "train", transform=build_pretrain_transform(cfg.img_size),
-                         skip_bad=cfg.skip_bad)
+                         skip_bad=cfg.skip_bad, cache=cfg.cache_images)
 
 
 @torch.no_grad()
@@ -280,4 +281,5 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if dist.is_main and record:
         write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device)
     distributed.barrier()
-    return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-last.pth")}
+    return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-last.pth"),
+            "ratio_bank": bank.all_ratios, "rank": dist.rank}
