@@ -194,7 +194,9 @@ def _section_config(run: _Run) -> str:
             parts.append(f"<div><h3>{_e(label)}</h3>{_note(f'{shown} is not a JSON object')}</div>")
             continue
         rows = "".join(f"<tr><th>{_e(k)}</th><td>{_config_value(v)}</td></tr>" for k, v in cfg.items())
-        body = f"<table>{rows}</table>" if rows else _note(f"{shown} is empty")
+        # Collapsed by default: the configuration is long and the results come first to the eye.
+        body = (f"<details><summary>{len(cfg)} settings</summary><table>{rows}</table></details>"
+                if rows else _note(f"{shown} is empty"))
         parts.append(f"<div><h3>{_e(label)} <small>({_e(shown)})</small></h3>{body}</div>")
     return f'<div class="configs">{"".join(parts)}</div>'
 
