@@ -124,9 +124,61 @@ MASKING_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Debiased center loss (DESIGN §3.6–3.7): forward + backward + center update
+# ---------------------------------------------------------------------------------------------
+
+
+def center_loss_step(device: str, C: int, dtype: torch.dtype | None = None, *, B: int = 256, D: int = 768,
+                     fused_stats: bool = False, check_finite: bool = True):
+    """Ours = ``DebiasedCenterLoss`` (compiled op), or with ``fused_stats`` the forward that also
+    returns the per-class statistics + ``center_apply_``; reference = distance-matrix loss +
+    autograd + a separate ``index_add_`` update. float32 on CPU, bf16 features on CUDA by default."""
+    from amgsn.losses import DebiasedCenterLoss
+    from amgsn.ops import reference
+    from amgsn.ops.center_loss import center_apply_, debiased_center_loss_with_stats
+
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 500, (C,), generator=gen)
+    feats = torch.randn(B, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, C, (B,), generator=gen).to(device)
+    module = DebiasedCenterLoss(C, D, class_counts=counts, alpha=0.5, check_finite=check_finite).to(device)
+    module.centers.copy_(torch.randn(C, D, generator=gen))
+    ref_centers = module.centers.clone()
+    weights = module.class_weights
+
+    def ours() -> None:
+        feats.grad = None
+        if fused_stats:
+            loss, stats = debiased_center_loss_with_stats(feats, labels, module.centers, weights,
+                                                          check_finite=check_finite)
+            loss.backward()
+            center_apply_(module.centers, stats.delta_sums, stats.counts, 0.5)
+            return
+        module(feats, labels).backward()
+        module.update_centers(feats, labels)
+
+    def ref() -> None:
+        feats.grad = None
+        reference.debiased_center_loss(feats, labels, ref_centers, weights).backward()
+        reference.center_update_(feats, labels, ref_centers, 0.5)
+
+    return ours, ref, None
+
+
+LOSS_CASES = [
+    Case("center_loss fwd+bwd+update", "B=256 D=768 C=7", ("cpu", "cuda"),
+         lambda device: center_loss_step(device, 7), 3.0),
+    Case("center_loss fwd+bwd+update", "B=256 D=768 C=1000", ("cpu", "cuda"),
+         lambda device: center_loss_step(device, 1000), 3.0),
+]
+
+
 def all_cases() -> list[Case]:
     """Every operator case, in table order."""
-    return list(MASKING_CASES)
+    return list(MASKING_CASES) + list(LOSS_CASES)
 
 
 def run_case(case: Case, device: str, *, rounds: int = 20) -> dict:

@@ -15,40 +15,9 @@ import pytest
 import torch
 from _ratio import compare
 
-from amgsn.losses import DebiasedCenterLoss
-from amgsn.ops import reference as ref
-from amgsn.ops.center_loss import center_apply_, debiased_center_loss_with_stats
+from amgsn.benchmarking import center_loss_step
 
 B, D = 256, 768
-
-
-def _case(device: str, C: int, dtype: torch.dtype, *, fused_stats: bool = False, check_finite: bool = True):
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.randint(1, 500, (C,), generator=gen)
-    feats = torch.randn(B, D, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    labels = torch.randint(0, C, (B,), generator=gen).to(device)
-    m = DebiasedCenterLoss(C, D, class_counts=counts, alpha=0.5, check_finite=check_finite).to(device)
-    m.centers.copy_(torch.randn(C, D, generator=gen))
-    ref_centers = m.centers.clone()
-    weights = m.class_weights
-
-    def ours() -> None:
-        feats.grad = None
-        m(feats, labels).backward()
-        m.update_centers(feats, labels)
-
-    def ours_fused() -> None:
-        feats.grad = None
-        loss, stats = debiased_center_loss_with_stats(feats, labels, m.centers, weights, check_finite=check_finite)
-        loss.backward()
-        center_apply_(m.centers, stats.delta_sums, stats.counts, 0.5)
-
-    def reference() -> None:
-        feats.grad = None
-        ref.debiased_center_loss(feats, labels, ref_centers, weights).backward()
-        ref.center_update_(feats, labels, ref_centers, 0.5)
-
-    return (ours_fused if fused_stats else ours), reference
 
 
 CASES = [
@@ -69,7 +38,7 @@ CASES = [
     [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.cuda] if c[1] == "cuda" else []) for c in CASES],
 )
 def test_center_loss_step(benchmark, device, C, dtype, fused, check_finite, target):
-    ours, reference = _case(device, C, dtype, fused_stats=fused, check_finite=check_finite)
+    ours, reference, _ = center_loss_step(device, C, dtype, B=B, D=D, fused_stats=fused, check_finite=check_finite)
     benchmark.group = f"center_loss B={B} D={D} C={C}"
     what = "fused stats" if fused else "module"
     if not check_finite:

@@ -1,0 +1,32 @@
+"""`amgsn bench` (what `make bench` runs) and `amgsn bench-step` produce their table / JSON.
+Timings are not asserted here (speed goals live in benchmarks/, DEVELOPERS rules)."""
+
+from __future__ import annotations
+
+import json
+
+from amgsn.benchmarking import all_cases
+from amgsn.cli import main
+
+
+def test_bench_cpu_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--rounds", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    cpu_cases = [c for c in all_cases() if "cpu" in c.devices]
+    assert len(result["rows"]) == len(cpu_cases) >= 4
+    for row, case in zip(result["rows"], cpu_cases):
+        assert row["op"] == case.op and row["ours_ms"] > 0 and row["reference_ms"] > 0
+        assert abs(row["ratio"] - row["reference_ms"] / row["ours_ms"]) < 0.01 * row["ratio"] + 0.01
+        assert case.op in table
+    assert table.splitlines()[1].split()[:5] == ["op", "shape", "ours_ms", "reference_ms", "ratio"]
+
+
+def test_bench_step_json(capsys):
+    assert main(["bench-step", "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4",
+                 "--depth", "1", "--steps", "1", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("fused", "reference", "mae_random"):
+        assert result[name]["median_ms"] > 0 and result[name]["images_per_s"] > 0
+    assert result["fused_speedup_vs_reference"] > 0
