@@ -272,6 +272,63 @@ class _TrainForward(nn.Module):
 # --------------------------------------------------------------------------- loop pieces
 
 
+def finetune_loss(
+    model_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    labels: torch.Tensor,
+    center: nn.Module | None,
+    supcon: nn.Module | None,
+    cfg: FinetuneConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective of one step (DESIGN §4.3) from one :class:`_TrainForward` output.
+
+    ``L = CE(label_smoothing) + λ_center · center(pooled) + λ_supcon · SupCon(projection)``.
+
+    Args:
+        model_out: (pooled (V·B, E), logits (V·B, C), projection (V·B, P) or None) of the V views
+            stacked view-major (``torch.cat(views)``); V = 1 without SupCon.
+        labels: (B,) int64, one per sample (every view has its sample's label).
+        center: a :class:`~amgsn.losses.DebiasedCenterLoss` or None (term off).
+        supcon: a :class:`~amgsn.losses.SupConLoss` or None (term off; ``projection`` may be None).
+        cfg: gives ``label_smoothing``, ``lambda_center`` and ``lambda_supcon``.
+
+    Returns:
+        (total loss, {"ce", "center", "supcon"} 0-dim float32 terms, unweighted; 0 for a term off).
+        Under DDP with equal per-rank batches, the ranks' averaged gradient equals the gradient
+        of one process with the whole batch: CE is a mean over equal shares, and the center and
+        SupCon modules work on the global batch (see their docstrings). The center and SupCon
+        values are those of the global batch, CE is this rank's.
+    """
+    pooled, logits, proj = model_out
+    b = labels.shape[0]
+    if b == 0 or logits.shape[0] % b != 0:
+        raise ValueError(f"model outputs have {logits.shape[0]} rows, not a multiple of the {b} labels")
+    views = logits.shape[0] // b
+    all_labels = labels.repeat(views)
+    # CE and the center loss see every view.
+    loss_ce = F.cross_entropy(logits.float(), all_labels, label_smoothing=cfg.label_smoothing)
+    loss = loss_ce
+    zero = torch.zeros((), device=logits.device)
+    loss_center = loss_supcon = zero
+    if center is not None:
+        loss_center = center(pooled.float(), all_labels)
+        loss = loss + cfg.lambda_center * loss_center
+    if supcon is not None:
+        if proj is None:
+            raise ValueError("SupCon is on but the model output holds no projection")
+        # Re-normalised in float32: under bf16 autocast the head's normalisation is only ~1e-2 exact.
+        z = F.normalize(proj.float(), dim=-1).view(views, b, -1).transpose(0, 1)  # (B, V, D)
+        loss_supcon = supcon(z, labels)
+        loss = loss + cfg.lambda_supcon * loss_supcon
+    return loss, {"ce": loss_ce, "center": loss_center, "supcon": loss_supcon}
+
+
+def _summed_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """The detached loss summed over ranks (itself in one process): finite iff finite on every
+    rank, so all ranks take the same skip decision — a rank that skipped its backward would leave
+    the others waiting in DDP's gradient all-reduce until the collective timeout."""
+    return distributed.all_reduce_sum(loss.detach().clone())
+
+
 def _balanced_sampler(train: SplitView, cfg: FinetuneConfig, epoch: int):
     from amgsn.data import build_balanced_sampler
 
@@ -334,7 +391,8 @@ def _check_resume(state: dict[str, Any], cfg: FinetuneConfig, classes: list[str]
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) fine-tuning; returns a summary: the last epoch's log record plus ``out``,
-    ``checkpoint`` (best), ``checkpoint_last``, ``best_metric`` and ``best_epoch``."""
+    ``checkpoint`` (best), ``checkpoint_last``, ``best_metric``, ``best_epoch`` and ``rank`` (this
+    process's, so that only rank 0 reports under torchrun)."""
     cfg.validate()
     device = resolve_device(cfg.device)
     dist = distributed.init(device)
@@ -437,23 +495,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             x = x.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             b = labels.shape[0]
-            views = x.shape[0] // b
-            all_labels = labels.repeat(views)
             scheduler.step_update(global_step)
             with autocast(device):
-                pooled, logits, proj = step_fn(x)
-            loss_ce = F.cross_entropy(logits.float(), all_labels, label_smoothing=cfg.label_smoothing)
-            loss = loss_ce
-            loss_center = loss_supcon = torch.zeros((), device=device)
-            if center is not None:
-                loss_center = center(pooled.float(), all_labels)
-                loss = loss + cfg.lambda_center * loss_center
-            if supcon is not None:
-                # Re-normalised in float32: under bf16 autocast the head's normalisation is only ~1e-2 exact.
-                z = F.normalize(proj.float(), dim=-1).view(views, b, -1).transpose(0, 1)  # (B, V, D)
-                loss_supcon = supcon(z, labels)
-                loss = loss + cfg.lambda_supcon * loss_supcon
-            if not guard.check(loss.detach(), f"epoch {epoch} batch {i}"):
+                out_step = step_fn(x)
+            loss, parts = finetune_loss(out_step, labels, center, supcon, cfg)
+            if not guard.check(_summed_over_ranks(loss), f"epoch {epoch} batch {i}"):
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -463,10 +509,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             optimizer.step()
             if center is not None:
                 # After the optimiser step (DESIGN §4.3); all-reduced across ranks inside.
-                center.update_centers(pooled.detach().float(), all_labels)
+                pooled = out_step[0]
+                center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
             global_step += 1
-            parts = [loss, loss_ce, loss_center, loss_supcon]
-            sums += torch.tensor([float(t.detach()) * b for t in parts] + [b], dtype=torch.float64)
+            terms = [loss, parts["ce"], parts["center"], parts["supcon"]]
+            sums += torch.tensor([float(t.detach()) * b for t in terms] + [b], dtype=torch.float64)
             bar.set_postfix(loss=f"{sums[0] / max(float(sums[4]), 1):.4f}",
                             lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
             if global_step >= total_steps:
@@ -506,4 +553,4 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     distributed.barrier()
     return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-best.pth"),
             "checkpoint_last": str(out / "checkpoint-last.pth"), "best_metric": best["metric"],
-            "best_epoch": best["epoch"], "classes": classes}
+            "best_epoch": best["epoch"], "classes": classes, "rank": dist.rank}

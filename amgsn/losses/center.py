@@ -73,9 +73,10 @@ class DebiasedCenterLoss(nn.Module):
     optimiser step (updating between a forward and its backward raises autograd's in-place error,
     since the backward needs the centers of the forward):
     ``c_j ← c_j − α·Σ_{y_i = j}(c_j − f_i) / (1 + n_j)`` — a per-class mean step, so
-    rare classes' centers move as fast as frequent ones'. Under ``torch.distributed`` the per-class
-    statistics are all-reduced first, so every rank applies the update of the global batch and
-    keeps identical centers.
+    rare classes' centers move as fast as frequent ones'. Under ``torch.distributed`` (more than one
+    rank) both are collectives that make K ranks × batch B behave as one process with the K·B
+    batch: the forward normalises by the global ``Σ w`` (see :meth:`forward`), and the update
+    all-reduces the per-class statistics first, so every rank keeps identical centers.
 
     Args:
         num_classes, feat_dim: C and D.
@@ -133,17 +134,46 @@ class DebiasedCenterLoss(nn.Module):
         self.register_buffer("class_weights", w)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """features (B, D) float, labels (B,) int64 in [0, C) -> 0-dim loss of ``features.dtype``."""
-        return debiased_center_loss(
+        """features (B, D) float, labels (B,) int64 in [0, C) -> 0-dim loss of ``features.dtype``.
+
+        Under ``torch.distributed`` (world size K > 1) this is a collective: every rank must call it
+        once per step. It returns the loss of the *global* batch, ``Σ_all w·½‖f − c‖² / Σ_all w``
+        (the same value on every rank), with a gradient scaled for DistributedDataParallel: DDP
+        *averages* the ranks' gradients, so rank r back-propagates
+        ``K · Σ_{i ∈ r} w[y_i]·½‖f_i − c[y_i]‖² / Σ_all w`` and the average over ranks is exactly the
+        gradient of the global loss — what one process with the whole batch computes. (With the
+        local normaliser ``Σ_{i ∈ r} w`` instead, every rank's weighted mean would count equally
+        whatever its share of ``Σ w``: the gradient would depend on how the batch was split.)
+        Without DDP's averaging, divide the gradient by K yourself.
+        """
+        loss = debiased_center_loss(
             features, labels, self.centers, self.class_weights, check_finite=self.check_finite
         )
+        world = _world_size()
+        if world == 1:
+            return loss
+        # The op is rank-local; recover its numerator and normaliser (double: Σ w over a large
+        # global batch) and sum both over ranks in one all-reduce. No gradient flows through them.
+        acc = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+        w_local = self.class_weights[labels].to(acc).sum()
+        sums = torch.stack([w_local, loss.detach().to(acc) * w_local])
+        dist.all_reduce(sums)
+        w_global, num_global = sums[0], sums[1]
+        positive = w_global > 0
+        safe = torch.where(positive, w_global, torch.ones_like(w_global))
+        # A batch without any weighted sample has loss 0 and gradient 0 (as the op on one process).
+        scale = torch.where(positive, world * w_local / safe, torch.zeros_like(safe))
+        value = torch.where(positive, num_global / safe, torch.zeros_like(safe))
+        scaled = loss * scale.to(loss.dtype)
+        # Value of the global loss, gradient of ``scaled``.
+        return scaled + (value.to(loss.dtype) - scaled.detach())
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Apply the Wen et al. step for this batch (after the optimiser step); all-reduced across
         ranks when ``torch.distributed`` is initialised with more than one process."""
         features = features.detach()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             stats = center_stats(features, labels, self.centers)
             dist.all_reduce(stats.delta_sums)
             dist.all_reduce(stats.counts)
@@ -156,3 +186,8 @@ class DebiasedCenterLoss(nn.Module):
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, weighting={self.weighting!r}, "
             f"alpha={self.alpha}"
         )
+
+
+def _world_size() -> int:
+    """The number of ranks of the default process group; 1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
