@@ -325,6 +325,8 @@ def _run_finetune(args) -> int:
         summary = finetune(FinetuneConfig(**values))
     except _USER_ERRORS as e:
         return _fail("finetune", e)
+    if summary.get("rank", 0) != 0:
+        return 0
     best = summary.get("best_metric")
     best_txt = "" if best is None else f", best val mean class accuracy {best:.4f} (epoch {summary['best_epoch']})"
     print(f"fine-tuning done{best_txt}; checkpoint {summary['checkpoint']}")

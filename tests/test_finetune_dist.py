@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from amgsn.engine import distributed
+
 pytestmark = pytest.mark.dist
 
 WORLD = 2
@@ -83,7 +85,7 @@ def _step(seed: int, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Ten
     group is up: the (averaged) gradients, the loss terms, the weights and centers after it."""
     from torch import nn
 
-    from amgsn.engine.finetune import _summed_over_ranks, _TrainForward, finetune_loss
+    from amgsn.engine.finetune import _TrainForward, finetune_loss
 
     cfg, model, center, supcon, optimizer = _build(seed)
     step_fn: nn.Module = _TrainForward(model, project=True)
@@ -92,7 +94,8 @@ def _step(seed: int, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Ten
     model.train()
     model_out = step_fn(torch.cat([view1, view2]))
     loss, parts = finetune_loss(model_out, labels, center, supcon, cfg)
-    out = {"parts": {k: float(v.detach()) for k, v in parts.items()}, "checked": float(_summed_over_ranks(loss))}
+    out = {"parts": {k: float(v.detach()) for k, v in parts.items()},
+           "checked": float(distributed.all_reduce_sum(loss.detach().clone()))}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -107,13 +110,13 @@ def _rank_worker(rank: int, port: int, seed: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        from amgsn.engine.finetune import _summed_over_ranks
+        from amgsn.engine.common import NonFiniteGuard
 
         view1, view2, labels = _batch(seed)
         result = _step(seed, view1[rank::WORLD], view2[rank::WORLD], labels[rank::WORLD])
         # The non-finite guard decides on the sum over ranks: a NaN on one rank makes every rank
         # skip the step (else the others would wait in DDP's all-reduce).
-        result["nan_checked"] = float(_summed_over_ranks(torch.tensor(float("nan") if rank == 1 else 1.0)))
+        result["nan_skips"] = not NonFiniteGuard().check(torch.tensor(float("nan") if rank == 1 else 1.0), "test")
         result["edges"] = [_center_edge(seed, labels, rank) for labels in EDGE_LABELS]
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
@@ -222,7 +225,7 @@ def test_two_ranks_batch_8_equal_one_process_batch_16(seed, tmp_path):
         # The guard sees the sum of the ranks' losses: the same number on both; NaN if one is NaN.
         summed = WORLD * (ce + cfg.lambda_center * ref["center"] + cfg.lambda_supcon * ref["supcon"])
         assert got["checked"] == pytest.approx(summed, rel=1e-5)
-        assert got["nan_checked"] != got["nan_checked"]
+        assert got["nan_skips"] is True  # both ranks skip, not only the one that saw the NaN
     assert ranks[0]["checked"] == ranks[1]["checked"]
     # The global normaliser's edge cases: a rank with no weighted sample gets a zero gradient but
     # reports the global loss; with no weighted sample anywhere the loss and gradients are 0.

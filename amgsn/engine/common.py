@@ -130,7 +130,13 @@ class NonFiniteGuard:
         self.limit, self.in_a_row, self.total = limit, 0, 0
 
     def check(self, loss: torch.Tensor, where: str) -> bool:
-        """True if the step may proceed; False to skip it."""
+        """True if the step may proceed; False to skip it.
+
+        Under torch.distributed the loss is summed over ranks first (finite iff finite on every
+        rank), so all ranks take the same decision: a rank that skipped its backward alone would
+        leave the others waiting in DDP's gradient all-reduce until the collective timeout.
+        """
+        loss = distributed.all_reduce_sum(loss.detach().float().clone())
         if bool(torch.isfinite(loss)):
             self.in_a_row = 0
             return True

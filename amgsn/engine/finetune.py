@@ -322,13 +322,6 @@ def finetune_loss(
     return loss, {"ce": loss_ce, "center": loss_center, "supcon": loss_supcon}
 
 
-def _summed_over_ranks(loss: torch.Tensor) -> torch.Tensor:
-    """The detached loss summed over ranks (itself in one process): finite iff finite on every
-    rank, so all ranks take the same skip decision — a rank that skipped its backward would leave
-    the others waiting in DDP's gradient all-reduce until the collective timeout."""
-    return distributed.all_reduce_sum(loss.detach().clone())
-
-
 def _balanced_sampler(train: SplitView, cfg: FinetuneConfig, epoch: int):
     from amgsn.data import build_balanced_sampler
 
@@ -499,7 +492,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             with autocast(device):
                 out_step = step_fn(x)
             loss, parts = finetune_loss(out_step, labels, center, supcon, cfg)
-            if not guard.check(_summed_over_ranks(loss), f"epoch {epoch} batch {i}"):
+            if not guard.check(loss, f"epoch {epoch} batch {i}"):
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.zero_grad(set_to_none=True)
