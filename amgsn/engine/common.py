@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +159,3 @@ def effective_lr(blr: float, batch_size: int, accum: int, world_size: int) -> fl
     """MAE's linear scaling: lr = blr × effective batch / 256."""
     return blr * batch_size * accum * world_size / 256
 
-
-def fmt(value: float) -> str:
-    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"

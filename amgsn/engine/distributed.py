@@ -76,7 +76,3 @@ def barrier() -> None:
     if info().enabled:
         dist.barrier()
 
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class PretrainConfig:
     gallery_per_class: int = 2
     progress: bool = True
     cache_images: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every"):
