@@ -30,3 +30,22 @@ def test_bench_step_json(capsys):
     for name in ("fused", "reference", "mae_random"):
         assert result[name]["median_ms"] > 0 and result[name]["images_per_s"] > 0
     assert result["fused_speedup_vs_reference"] > 0
+
+
+def test_bench_step_variants_take_turns(monkeypatch):
+    """Round-robin: step i of every variant runs before step i+1 of any, and only the steps after
+    the warm-up are recorded — a slow spell of the host cannot land on one variant alone."""
+    from amgsn.engine import bench_step as bs
+
+    order: list[str] = []
+    original = bs._Variant.step
+
+    def logged(self):
+        order.append(self.policy.impl if self.mode != "random" else "random")
+        original(self)
+
+    monkeypatch.setattr(bs._Variant, "step", logged)
+    result = bs.bench_step(model="vit_tiny", img_size=32, patch_size=8, batch_size=4, depth=1, steps=2, warmup=1,
+                           device="cpu")
+    assert order == ["fused", "reference", "random"] * 3
+    assert all(result[v]["median_ms"] > 0 for v in ("fused", "reference", "mae_random"))

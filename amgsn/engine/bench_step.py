@@ -7,6 +7,8 @@ Three variants on the same random images and the same per-image ratios:
 * ``mae_random`` — plain MAE random masking at a fixed ratio (the mean of the per-image ratios):
   ``fused / mae_random`` is the price of ABMG's teacher pass.
 
+The variants take turns step by step (round-robin) and each reports its median step time.
+
 Model FLOPs are counted analytically (matmuls and attention, forward ×3 for trained parts, the
 teacher's forward ×1), so MFU = FLOPs / time / peak.
 """
@@ -51,63 +53,76 @@ def step_flops(model: MaskedAutoencoderViT, seqlens: torch.Tensor, teacher: bool
     return total
 
 
-def _time_steps(step, steps: int, warmup: int, device: str) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def _run_variant(variant: str, model: str, img_size: int, patch_size: int, depth: int | None, imgs: torch.Tensor,
-                 bank_ratios: torch.Tensor, bounds: tuple[float, float], device: str, steps: int, warmup: int,
-                 seed: int) -> dict[str, Any]:
-    """Build a fresh model + optimiser for one variant and time its steps."""
-    torch.manual_seed(seed)
-    batch_size = imgs.shape[0]
-    indices = torch.arange(batch_size)
-    net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
-    mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
-                  "mae_random": ("random", "fused")}[variant]
-    policy = MaskingPolicy(mode, epochs=1, warmup_epochs=0, impl=impl)
-    fixed = {"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0}
-    bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=bounds[0], r_max=bounds[1])
-    bank.load_state_dict(fixed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
-    fixed_ratio = float(bank_ratios.mean())
-    seqlens: list[torch.Tensor] = []
-
-    def step() -> None:
-        ratios = bank.ratios(indices) if policy.uses_ratio_bank else fixed_ratio
-        with autocast(device):
-            batch = policy.select(net, imgs, ratios, epoch=0)
-            out = net(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if policy.uses_ratio_bank:
-            bank.update(indices, out.per_image_loss.detach())
-            bank.load_state_dict(fixed)  # same ratios every step: every variant times the same workload
-        seqlens.append((batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu())
-
-    median = statistics.median(_time_steps(step, steps, warmup, device))
-    flops = step_flops(net, seqlens[-1], teacher=mode != "random")
-    entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
-             "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+def _timed(step, device: str) -> float:
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        if peak:
-            entry["mfu"] = round(flops / median / peak, 4)
-        entry["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        torch.cuda.reset_peak_memory_stats()
-    return entry
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class _Variant:
+    """One variant's fresh model, optimiser and ratio bank, and its training step."""
+
+    def __init__(self, variant: str, model: str, img_size: int, patch_size: int, depth: int | None,
+                 imgs: torch.Tensor, bank_ratios: torch.Tensor, bounds: tuple[float, float], device: str,
+                 seed: int) -> None:
+        torch.manual_seed(seed)
+        batch_size = imgs.shape[0]
+        self.imgs, self.device, self.indices = imgs, device, torch.arange(batch_size)
+        self.net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
+        self.mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
+                           "mae_random": ("random", "fused")}[variant]
+        self.policy = MaskingPolicy(self.mode, epochs=1, warmup_epochs=0, impl=impl)
+        self.fixed = {"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0}
+        self.bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=bounds[0], r_max=bounds[1])
+        self.bank.load_state_dict(self.fixed)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                           foreach=True)
+        self.fixed_ratio = float(bank_ratios.mean())
+        self.seqlens = torch.zeros(0)
+        self.times: list[float] = []
+        self.peak_mib: float | None = None
+
+    def step(self) -> None:
+        uses_bank = self.policy.uses_ratio_bank
+        ratios = self.bank.ratios(self.indices) if uses_bank else self.fixed_ratio
+        with autocast(self.device):
+            batch = self.policy.select(self.net, self.imgs, ratios, epoch=0)
+            out = self.net(self.imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if uses_bank:
+            self.bank.update(self.indices, out.per_image_loss.detach())
+            self.bank.load_state_dict(self.fixed)  # same ratios every step: every variant times the same workload
+        self.seqlens = (batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu()
+
+    def timed_step(self, record: bool) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        elapsed = _timed(self.step, self.device)
+        if record:
+            self.times.append(elapsed)
+            if self.device.startswith("cuda"):
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                self.peak_mib = max(self.peak_mib or 0.0, peak)
+
+    def summary(self) -> dict[str, Any]:
+        median = statistics.median(self.times)
+        batch_size = self.imgs.shape[0]
+        flops = step_flops(self.net, self.seqlens, teacher=self.mode != "random")
+        entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
+                 "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+        if self.device.startswith("cuda"):
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+            if peak:
+                entry["mfu"] = round(flops / median / peak, 4)
+            entry["peak_MiB"] = round(self.peak_mib or 0.0, 1)
+        return entry
 
 
 def bench_step(
@@ -135,9 +150,15 @@ def bench_step(
     result: dict[str, Any] = {"config": {"model": model, "img_size": img_size, "patch_size": patch_size,
                                          "batch_size": batch_size, "ratio_range": [lo, hi], "device": device,
                                          "steps": steps, "torch": torch.__version__}}
-    for variant in variants:
-        result[variant] = _run_variant(variant, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi),
-                                       device, steps, warmup, seed)
+    runs = {v: _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi), device, seed)
+            for v in variants}
+    # Round-robin: step i of every variant runs back to back, so a slow spell of a shared machine
+    # (other tenants, frequency changes) lands on all variants alike instead of on one of them.
+    for i in range(warmup + steps):
+        for run in runs.values():
+            run.timed_step(record=i >= warmup)
+    for variant, run in runs.items():
+        result[variant] = run.summary()
     if "fused" in result and "reference" in result:
         result["fused_speedup_vs_reference"] = round(result["reference"]["median_ms"] / result["fused"]["median_ms"], 3)
     if "fused" in result and "mae_random" in result:
