@@ -210,15 +210,52 @@ def copy_bandwidth_GBps(device: str, nbytes: int = 1 << 30) -> float | None:
     return round(2 * src.numel() / (ms * 1e-3) / 1e9, 1)
 
 
-def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, progress: bool = True) -> dict:
-    """Run every case available on ``device`` -> ``{"device", "copy_GBps", "rows": [...]}``."""
+# The whole pre-training step (issue 5's workload) as the last row of ``amgsn bench``: abmg_mrus
+# the fused way (fused op + packed encoder) vs the anchors' way, per device kind. The CUDA size is
+# DESIGN §9's ViT-B/16 run (bf16 autocast); the CPU size keeps a step to a few seconds on 2 cores.
+STEP_CONFIGS: dict[str, dict] = {
+    "cpu": {"model": "vit_tiny", "img_size": 112, "patch_size": 8, "batch_size": 64, "depth": None},
+    "cuda": {"model": "vit_base", "img_size": 224, "patch_size": 16, "batch_size": 256, "depth": None},
+}
+STEP_TARGET = 1.2
+
+
+def run_step_row(device: str, *, steps: int = 5) -> tuple[dict, dict]:
+    """Time the pre-training step, fused vs reference -> (table row, full ``bench_step`` result)."""
+    from amgsn.engine.bench_step import bench_step
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    cfg = STEP_CONFIGS[kind]
+    result = bench_step(device=device, steps=steps, ratio_range=(0.5, 0.9), variants=("fused", "reference"), **cfg)
+    fused, ref = result["fused"], result["reference"]
+    depth = "" if cfg["depth"] is None else f" depth {cfg['depth']}"
+    row = {
+        "op": "pretrain step (abmg_mrus, fwd+bwd+AdamW)",
+        "shape": f"{cfg['model']}{depth} {cfg['img_size']}px/{cfg['patch_size']} B={cfg['batch_size']} "
+                 f"r~U[0.5,0.9]" + (" bf16" if kind == "cuda" else ""),
+        "device": device,
+        "ours_ms": fused["median_ms"],
+        "reference_ms": ref["median_ms"],
+        "ratio": round(ref["median_ms"] / fused["median_ms"], 2),
+        "target": STEP_TARGET,
+    }
+    if "peak_MiB" in fused:
+        row["peak_MiB"] = fused["peak_MiB"]
+    return row, result
+
+
+def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, progress: bool = True,
+            step_steps: int = 5) -> dict:
+    """Run every case available on ``device``, then (``step_steps`` > 0) the pre-training step
+    -> ``{"device", "copy_GBps", "rows": [...], "step": bench_step's result}``."""
     from tqdm.auto import tqdm
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     todo = [c for c in (cases or all_cases()) if kind in c.devices]
     copy = copy_bandwidth_GBps(device)
     rows = []
-    for case in tqdm(todo, desc=f"bench [{device}]", disable=not progress):
+    bar = tqdm(total=len(todo) + (step_steps > 0), desc=f"bench [{device}]", disable=not progress)
+    for case in todo:
         if kind == "cuda":
             torch.cuda.reset_peak_memory_stats()
         row = run_case(case, device, rounds=rounds)
@@ -227,11 +264,22 @@ def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, p
             if copy and "ours_GBps" in row:
                 row["of_copy_bw"] = round(row["ours_GBps"] / copy, 3)
         rows.append(row)
+        bar.update()
+    step = None
+    if step_steps > 0:
+        bar.set_postfix_str("pre-training step")
+        step_row, step = run_step_row(device, steps=step_steps)
+        rows.append(step_row)
+        bar.update()
+    bar.close()
     info = {"device": device, "torch": torch.__version__}
     if kind == "cuda":
         info["card"] = torch.cuda.get_device_name()
         info["copy_GBps"] = copy
-    return {**info, "rows": rows}
+    out = {**info, "rows": rows}
+    if step is not None:
+        out["step"] = step
+    return out
 
 
 def format_table(result: dict) -> str:

@@ -106,10 +106,13 @@ def _run_pretrain(args) -> int:
 
 @command
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="operator benchmarks: ours vs the references, one table (+ JSON)")
+    p = sub.add_parser("bench", help="operator + pre-training step benchmarks: ours vs the references, "
+                                     "one table (+ JSON)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
     p.add_argument("--rounds", type=int, default=20, help="timed calls per op (median reported)")
+    p.add_argument("--step-steps", type=int, default=5,
+                   help="timed pre-training steps per variant for the last row (0 = skip that row)")
     p.set_defaults(func=_run_bench)
 
 
@@ -120,7 +123,9 @@ def _run_bench(args) -> int:
     from amgsn.benchmarking import format_table, run_all
     from amgsn.engine.common import resolve_device
 
-    result = run_all(resolve_device(args.device), rounds=args.rounds)
+    if args.step_steps < 0:
+        raise SystemExit(f"--step-steps must be >= 0, got {args.step_steps}")
+    result = run_all(resolve_device(args.device), rounds=args.rounds, step_steps=args.step_steps)
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

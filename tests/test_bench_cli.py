@@ -9,18 +9,35 @@ from amgsn.benchmarking import all_cases
 from amgsn.cli import main
 
 
-def test_bench_cpu_table_and_json(tmp_path, capsys):
+def test_bench_cpu_table_and_json(tmp_path, capsys, monkeypatch):
+    from amgsn import benchmarking
+
+    # The step row at toy size (the real one is ViT-Tiny at 112 px, batch 64: seconds per step).
+    monkeypatch.setitem(benchmarking.STEP_CONFIGS, "cpu",
+                        {"model": "vit_tiny", "img_size": 32, "patch_size": 8, "batch_size": 4, "depth": 1})
     out = tmp_path / "bench.json"
-    assert main(["bench", "--device", "cpu", "--rounds", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--device", "cpu", "--rounds", "1", "--step-steps", "1", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     cpu_cases = [c for c in all_cases() if "cpu" in c.devices]
-    assert len(result["rows"]) == len(cpu_cases) >= 4
+    assert len(result["rows"]) == len(cpu_cases) + 1 >= 5
     for row, case in zip(result["rows"], cpu_cases):
         assert row["op"] == case.op and row["ours_ms"] > 0 and row["reference_ms"] > 0
-        assert abs(row["ratio"] - row["reference_ms"] / row["ours_ms"]) < 0.01 * row["ratio"] + 0.01
         assert case.op in table
+    for row in result["rows"]:
+        assert abs(row["ratio"] - row["reference_ms"] / row["ours_ms"]) < 0.01 * row["ratio"] + 0.01
+    step_row = result["rows"][-1]
+    assert step_row["op"].startswith("pretrain step") and "depth 1 32px/8 B=4" in step_row["shape"]
+    assert step_row["ours_ms"] == result["step"]["fused"]["median_ms"]
+    assert step_row["reference_ms"] == result["step"]["reference"]["median_ms"]
+    assert "pretrain step" in table
     assert table.splitlines()[1].split()[:5] == ["op", "shape", "ours_ms", "reference_ms", "ratio"]
+
+
+def test_bench_without_step_row(capsys):
+    assert main(["bench", "--device", "cpu", "--rounds", "1", "--step-steps", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "pretrain step" not in table and "center_loss" in table
 
 
 def test_bench_step_json(capsys):
