@@ -53,3 +53,20 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+
+
+def _summary(confusion):
+    classes = ["A", "B", "C"]
+    metrics = {"classes": classes, "confusion_matrix": confusion, "accuracy": 0.5, "mean_class_accuracy": 0.3,
+               "macro_f1": 0.2, "std_per_class_ddof0": 0.4, "per_class_accuracy": dict.fromkeys(classes, 0.3)}
+    return {"metrics": metrics, "report": "r.html", "model": "m.safetensors", "seconds": {"data": 1.0},
+            "preset": "quick"}
+
+
+def test_summary_says_when_one_class_is_predicted_for_everything():
+    from amgsn.engine.demo import format_summary
+
+    collapsed = format_summary(_summary([[0, 4, 0], [0, 9, 0], [0, 2, 0]]))
+    assert "every test image was predicted 'B'" in collapsed
+    spread = format_summary(_summary([[3, 1, 0], [0, 9, 0], [0, 2, 1]]))
+    assert "every test image" not in spread and "mean class accuracy" in spread

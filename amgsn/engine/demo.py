@@ -96,6 +96,16 @@ def _stage(title: str, detail: str) -> None:
     print(f"\n== {title}: {detail}", flush=True)
 
 
+def _collapse_warning(metrics: dict[str, Any]) -> list[str]:
+    """A line saying so when the classifier predicts one class for every test image."""
+    columns = [sum(col) for col in zip(*metrics["confusion_matrix"])]  # predictions per class
+    used = [name for name, n in zip(metrics["classes"], columns) if n > 0]
+    if len(used) != 1:
+        return []
+    return [f"  note                  every test image was predicted '{used[0]}': the classifier has not",
+            "                        left the class prior (README 'Status'; benchmarks/RESULTS.md)"]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     m = summary["metrics"]
     secs = summary["seconds"]
@@ -110,6 +120,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  per class             " + ", ".join(f"{k} {v:.2f}" for k, v in m["per_class_accuracy"].items()),
         "  time                  " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items())
         + f" (total {sum(secs.values()) / 60:.1f} min)",
+        *_collapse_warning(m),
         f"  report                {summary['report']}",
         f"  timm weights          {summary['model']}",
         "=" * 64,
