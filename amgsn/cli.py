@@ -96,8 +96,10 @@ def _run_pretrain(args) -> int:
     from amgsn.engine.pretrain import PretrainConfig, pretrain
 
     fields = PretrainConfig.__dataclass_fields__
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    summary = pretrain(cfg)
+    try:
+        summary = pretrain(PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    except _USER_ERRORS as e:
+        return _fail("pretrain", e)
     if summary["rank"] != 0:
         return 0
     print(f"pre-training done: loss {summary.get('loss', float('nan')):.4f}, checkpoint {summary['checkpoint']}")
@@ -124,7 +126,7 @@ def _run_bench(args) -> int:
     from amgsn.engine.common import resolve_device
 
     if args.step_steps < 0:
-        raise SystemExit(f"--step-steps must be >= 0, got {args.step_steps}")
+        return _fail("bench", ValueError(f"--step-steps must be >= 0, got {args.step_steps}"))
     result = run_all(resolve_device(args.device), rounds=args.rounds, step_steps=args.step_steps)
     print(format_table(result))
     if args.json_out:
@@ -153,9 +155,12 @@ def _run_bench_step(args) -> int:
 
     from amgsn.engine.bench_step import bench_step
 
-    result = bench_step(model=args.model, img_size=args.img_size, patch_size=args.patch_size,
-                        batch_size=args.batch_size, ratio_range=tuple(args.ratio_range), device=args.device,
-                        steps=args.steps, depth=args.depth)
+    try:
+        result = bench_step(model=args.model, img_size=args.img_size, patch_size=args.patch_size,
+                            batch_size=args.batch_size, ratio_range=tuple(args.ratio_range), device=args.device,
+                            steps=args.steps, depth=args.depth)
+    except _USER_ERRORS as e:
+        return _fail("bench-step", e)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from amgsn.benchmarking import all_cases
 from amgsn.cli import main
 
@@ -38,6 +41,8 @@ def test_bench_without_step_row(capsys):
     assert main(["bench", "--device", "cpu", "--rounds", "1", "--step-steps", "0"]) == 0
     table = capsys.readouterr().out
     assert "pretrain step" not in table and "center_loss" in table
+    assert main(["bench", "--device", "cpu", "--step-steps", "-1"]) == 2
+    assert "--step-steps must be >= 0" in capsys.readouterr().err
 
 
 def test_bench_step_json(capsys):
@@ -47,6 +52,10 @@ def test_bench_step_json(capsys):
     for name in ("fused", "reference", "mae_random"):
         assert result[name]["median_ms"] > 0 and result[name]["images_per_s"] > 0
     assert result["fused_speedup_vs_reference"] > 0
+    assert main(["bench-step", "--steps", "0", "--device", "cpu"]) == 2
+    assert main(["bench-step", "--ratio-range", "0.9", "0.5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be an int >= 1, got 0" in err and "--ratio-range must satisfy" in err
 
 
 def test_bench_step_variants_take_turns(monkeypatch):
@@ -66,3 +75,15 @@ def test_bench_step_variants_take_turns(monkeypatch):
                            device="cpu")
     assert order == ["fused", "reference", "random"] * 3
     assert all(result[v]["median_ms"] > 0 for v in ("fused", "reference", "mae_random"))
+
+
+@pytest.mark.cuda
+def test_bench_step_cuda_reports_memory_and_mfu():
+    from amgsn.engine.bench_step import bench_step
+
+    result = bench_step(model="vit_tiny", img_size=32, patch_size=8, batch_size=4, depth=1, steps=1, device="cuda")
+    for name in ("fused", "reference", "mae_random"):
+        entry = result[name]
+        # Each variant's own state + step (the three variants stay resident side by side).
+        assert 0 < entry["peak_MiB"] < torch.cuda.get_device_properties(0).total_memory / 2**20
+        assert "mfu" not in entry or 0 < entry["mfu"] < 1

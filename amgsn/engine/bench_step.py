@@ -100,14 +100,23 @@ class _Variant:
             self.bank.load_state_dict(self.fixed)  # same ratios every step: every variant times the same workload
         self.seqlens = (batch.selection.cu_seqlens[1:] - batch.selection.cu_seqlens[:-1]).cpu()
 
+    def _state_bytes(self) -> int:
+        """Bytes this variant keeps between steps: weights, gradients (if any), optimiser state."""
+        tensors = [p for p in self.net.parameters()] + [p.grad for p in self.net.parameters() if p.grad is not None]
+        tensors += [t for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+
     def timed_step(self, record: bool) -> None:
-        if self.device.startswith("cuda"):
+        cuda = self.device.startswith("cuda")
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()  # every variant's state, not only this one's
         elapsed = _timed(self.step, self.device)
         if record:
             self.times.append(elapsed)
-            if self.device.startswith("cuda"):
-                peak = torch.cuda.max_memory_allocated() / 2**20
+            if cuda:
+                # This variant's peak as if it ran alone: its own state + what its step allocated on top.
+                peak = (torch.cuda.max_memory_allocated() - resident + self._state_bytes()) / 2**20
                 self.peak_mib = max(self.peak_mib or 0.0, peak)
 
     def summary(self) -> dict[str, Any]:
@@ -141,6 +150,9 @@ def bench_step(
 ) -> dict[str, Any]:
     """Median step time of each variant -> ``{"fused": {...}, "reference": {...}, "mae_random": {...}, ...}``."""
     device = resolve_device(device)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
     lo, hi = ratio_range
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--ratio-range must satisfy 0 <= lo <= hi <= 1, got {ratio_range}")
