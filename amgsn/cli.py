@@ -184,7 +184,10 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from amgsn.report import build_report
 
-    path = build_report(args.run_dir, args.out)
+    try:
+        path = build_report(args.run_dir, args.out)
+    except _USER_ERRORS as e:
+        return _fail("report", e)
     print(f"report: {path}")
     return 0
 
@@ -247,8 +250,11 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from amgsn.engine.demo import DemoConfig, demo
 
-    demo(DemoConfig(out=args.out, quick=args.quick, data_dir=args.data_dir, seed=args.seed, workers=args.workers,
-                    device=args.device, progress=args.progress))
+    try:
+        demo(DemoConfig(out=args.out, quick=args.quick, data_dir=args.data_dir, seed=args.seed,
+                        workers=args.workers, device=args.device, progress=args.progress))
+    except _USER_ERRORS as e:
+        return _fail("demo", e)
     return 0
 
 

@@ -70,3 +70,12 @@ def test_summary_says_when_one_class_is_predicted_for_everything():
     assert "every test image was predicted 'B'" in collapsed
     spread = format_summary(_summary([[3, 1, 0], [0, 9, 0], [0, 2, 1]]))
     assert "every test image" not in spread and "mean class accuracy" in spread
+
+
+def test_demo_and_report_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--device", "tpu", "--no-progress"]) == 2
+    assert "amgsn demo: error: --device must be auto, cpu or cuda, got 'tpu'" in capsys.readouterr().err
+    assert not (out / "data").exists()  # checked before any data is generated
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "amgsn report: error: run_dir" in capsys.readouterr().err

@@ -41,12 +41,14 @@ class DemoConfig:
 def demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the evaluation metrics plus the paths of what was written."""
     from amgsn.data.synthetic import ensure_synthetic
+    from amgsn.engine.common import resolve_device
     from amgsn.engine.evaluate import evaluate
     from amgsn.engine.export import export
     from amgsn.engine.finetune import FinetuneConfig, finetune
     from amgsn.engine.pretrain import PretrainConfig, pretrain
     from amgsn.report import build_report
 
+    resolve_device(cfg.device)  # a bad --device fails here, before minutes of data generation
     p = PRESETS["quick" if cfg.quick else "full"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
