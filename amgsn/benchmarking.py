@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +33,16 @@ def sync(device: str) -> None:
 
 def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rounds: int = 20) -> float:
     """Median wall time of ``fn`` in milliseconds (CUDA synchronised before and after each call)."""
-    return medians_ms_interleaved([fn], device, warmup=warmup, rounds=rounds)[0]
-
-
-def medians_ms_interleaved(fns: Sequence[Callable[[], object]], device: str, *, warmup: int = 3,
-                           rounds: int = 20) -> list[float]:
-    """Median wall time (ms) of each of ``fns``, timed in turns — round i of every function before
-    round i+1 of any — so a slow spell of a shared machine lands on all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
+    for _ in range(warmup):
+        fn()
     sync(device)
-    times: list[list[float]] = [[] for _ in fns]
+    times = []
     for _ in range(rounds):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +184,8 @@ def all_cases() -> list[Case]:
 def run_case(case: Case, device: str, *, rounds: int = 20) -> dict:
     """Time one case on ``device`` -> a row for the table/JSON."""
     ours, ref, moved = case.build(device)
-    ours_ms, ref_ms = medians_ms_interleaved([ours, ref], device, rounds=rounds)
+    ours_ms = median_ms(ours, device, rounds=rounds)
+    ref_ms = median_ms(ref, device, rounds=rounds)
     row = {
         "op": case.op,
         "shape": case.shape,

@@ -87,12 +87,3 @@ def test_bench_step_cuda_reports_memory_and_mfu():
         # Each variant's own state + step (the three variants stay resident side by side).
         assert 0 < entry["peak_MiB"] < torch.cuda.get_device_properties(0).total_memory / 2**20
         assert "mfu" not in entry or 0 < entry["mfu"] < 1
-
-
-def test_interleaved_medians_take_turns():
-    from amgsn.benchmarking import medians_ms_interleaved
-
-    calls: list[str] = []
-    a, b = (lambda: calls.append("a")), (lambda: calls.append("b"))
-    medians = medians_ms_interleaved([a, b], "cpu", warmup=1, rounds=3)
-    assert calls == ["a", "b"] + ["a", "b"] * 3 and len(medians) == 2 and all(m >= 0 for m in medians)
