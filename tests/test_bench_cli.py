@@ -79,11 +79,15 @@ def test_bench_step_variants_take_turns(monkeypatch):
 
 @pytest.mark.cuda
 def test_bench_step_cuda_reports_memory_and_mfu():
-    from amgsn.engine.bench_step import bench_step
+    from amgsn.engine.bench_step import PEAK_BF16_FLOPS, bench_step
 
     result = bench_step(model="vit_tiny", img_size=32, patch_size=8, batch_size=4, depth=1, steps=1, device="cuda")
+    known_card = any(k in torch.cuda.get_device_name() for k in PEAK_BF16_FLOPS)
     for name in ("fused", "reference", "mae_random"):
         entry = result[name]
         # Each variant's own state + step (the three variants stay resident side by side).
         assert 0 < entry["peak_MiB"] < torch.cuda.get_device_properties(0).total_memory / 2**20
-        assert "mfu" not in entry or 0 < entry["mfu"] < 1
+        if known_card:  # MFU needs the card's peak: H100/H200, the GPU machine's cards
+            assert 0 < entry["mfu"] < 1
+        else:
+            assert "mfu" not in entry

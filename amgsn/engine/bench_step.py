@@ -102,7 +102,8 @@ class _Variant:
 
     def _state_bytes(self) -> int:
         """Bytes this variant keeps between steps: weights, gradients (if any), optimiser state."""
-        tensors = [p for p in self.net.parameters()] + [p.grad for p in self.net.parameters() if p.grad is not None]
+        params = list(self.net.parameters())
+        tensors = params + [p.grad for p in params if p.grad is not None]
         tensors += [t for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
 
