@@ -356,3 +356,25 @@ def test_cuda_bad_input_names_argument(case):
     name, call = _bad_cases("cuda")[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
+
+
+def test_device_side_duplicate_check(seed):
+    # The CUDA scatter relies on this check (the C++ CPU kernels find duplicates themselves); it runs
+    # without a host sync of its own, so test it here on CPU tensors against a plain loop.
+    from amgsn.ops.masking import _check_packed, _duplicate_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        B, N = int(torch.randint(1, 6, (), generator=gen)), int(torch.randint(1, 30, (), generator=gen))
+        counts = torch.randint(0, N + 1, (B,), generator=gen)
+        ids = torch.cat([torch.randint(0, N, (int(c),), generator=gen) for c in counts])
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = counts.cumsum(0)
+        want = any(len(set(ids[cu[b]:cu[b + 1]].tolist())) < int(counts[b]) for b in range(B))
+        assert bool(_duplicate_ids(ids, cu, B, N)) == want
+        if want:
+            with pytest.raises(ValueError, match="ids_keep holds the same patch index twice"):
+                _check_packed(ids, cu, B, N, distinct=True)
+        else:
+            _check_packed(ids, cu, B, N, distinct=True)
+        _check_packed(ids, cu, B, N)  # without distinct=True duplicates pass

@@ -170,6 +170,47 @@ def test_select_all_equal_masks_lowest_indices(seed):
         assert torch.equal(ids, torch.cat([torch.arange(N - int(k), N) for k in num_keep]))
 
 
+@pytest.mark.parametrize("noise_mode", ["none", "absolute", "relative"])
+def test_select_nan_raises_and_packing_stays_in_bounds(seed, noise_mode):
+    # NaN has no rank: the launchers raise like the CPU op, naming the images. The kernels rank it as
+    # -inf meanwhile, so each image still writes exactly num_keep ids into its own slots (checked
+    # through a canary past T: nothing may land outside the (T,) output).
+    gen = torch.Generator().manual_seed(seed)
+    B, N = 4, 37
+    scores = torch.rand(B, N, generator=gen)
+    noise = None if noise_mode == "none" else torch.rand(B, N, generator=gen)
+    bad = int(torch.randint(0, B, (), generator=gen))
+    if noise is not None and noise_mode == "absolute":
+        noise[bad, int(torch.randint(0, N, (), generator=gen))] = float("nan")
+    else:
+        scores[bad, int(torch.randint(0, N, (), generator=gen))] = float("nan")
+    ratio = torch.rand(B, generator=gen, dtype=torch.float64)
+    num_keep, cu, T, _ = _packing(ratio, B, N)
+    with pytest.raises(ValueError, match=rf"NaN \(images \[{bad}\]\)"):
+        K.abmg_select(scores, num_keep, cu, T, noise, noise_mode == "relative")
+    # The same NaN reached through the fused op's scores (q_cls of that image is NaN).
+    q_cls, k = _qk(B, 2, N, 8)
+    q_cls = q_cls.clone()
+    q_cls[bad, 0, 0] = float("nan")
+    x = torch.randn(B, N, 5)
+    with pytest.raises(ValueError, match="NaN"):
+        K.abmg_mask_and_gather(q_cls, k, x, num_keep, cu, T, None, False)
+
+
+def test_select_nan_ranks_as_lowest_inside_the_kernel(seed, monkeypatch):
+    # With the raise switched off, the packing is still valid: NaN ranks below every number.
+    monkeypatch.setattr(K.abmg, "_raise_on_nan", lambda flags: None)
+    gen = torch.Generator().manual_seed(seed)
+    B, N = 3, 20
+    scores = torch.rand(B, N, generator=gen)
+    scores[1, ::3] = float("nan")
+    ratio = torch.full((B,), 0.5, dtype=torch.float64)
+    num_keep, cu, T, _ = _packing(ratio, B, N)
+    ids, mask = K.abmg_select(scores, num_keep, cu, T, None, False)
+    want = R.abmg_select(torch.nan_to_num(scores, nan=float("-inf")), ratio)
+    assert torch.equal(ids, want.ids_keep) and torch.equal(mask, want.mask)
+
+
 def test_select_signed_zeros_tie(seed):
     # -0.0 and +0.0 are equal values: order among them is by index, whatever their sign bits.
     gen = torch.Generator().manual_seed(seed)

@@ -130,7 +130,7 @@ class _Variant:
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
             if peak:
-                entry["mfu"] = round(flops / median / peak, 4)
+                entry["mfu"] = float(f"{flops / median / peak:.4g}")  # 4 significant digits: tiny test runs stay > 0
             entry["peak_MiB"] = round(self.peak_mib or 0.0, 1)
         return entry
 

@@ -41,19 +41,35 @@ def _kernels():
 # --------------------------------------------------------------------------------------------
 
 
-def _check_packed(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int) -> None:
-    """Data-dependent checks of a packed selection (one host sync); run inside the op kernels."""
+def _duplicate_ids(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+    """0-d bool on the ids' device: does some image hold a patch index twice? (No host sync.)"""
+    rows = torch.arange(ids_keep.numel(), device=ids_keep.device, dtype=torch.int32)
+    image = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).clamp_(max=batch - 1)
+    key = image.long() * num_patches + ids_keep.clamp(0, num_patches - 1)
+    hits = torch.zeros(batch * num_patches, dtype=torch.int32, device=ids_keep.device)
+    hits.index_put_((key,), torch.ones_like(key, dtype=torch.int32), accumulate=True)
+    return (hits > 1).any()
+
+
+def _check_packed(
+    ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int, distinct: bool = False
+) -> None:
+    """Data-dependent checks of a packed selection (one host sync); run inside the op kernels.
+    ``distinct``: also reject an index repeated within an image (the C++ CPU kernels check that
+    themselves; the CUDA scatter would write one row twice)."""
     if cu_seqlens.numel() != batch + 1:
         raise ValueError(f"cu_seqlens must have B + 1 = {batch + 1} entries, got {cu_seqlens.numel()}")
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    no = torch.zeros((), dtype=torch.bool, device=ids_keep.device)
     bad = torch.stack(
         [
             cu_seqlens[0] != 0,
             cu_seqlens[-1] != ids_keep.numel(),
             (counts < 0).any(),
             (counts > num_patches).any(),
-            (ids_keep < 0).any() if ids_keep.numel() else torch.zeros((), dtype=torch.bool),
-            (ids_keep >= num_patches).any() if ids_keep.numel() else torch.zeros((), dtype=torch.bool),
+            (ids_keep < 0).any() if ids_keep.numel() else no,
+            (ids_keep >= num_patches).any() if ids_keep.numel() else no,
+            _duplicate_ids(ids_keep, cu_seqlens, batch, num_patches) if distinct and ids_keep.numel() and batch else no,
         ]
     ).tolist()
     if bad[0] or bad[1]:
@@ -65,6 +81,8 @@ def _check_packed(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, 
         raise ValueError(f"cu_seqlens must be non-decreasing with per-image counts <= N = {num_patches}")
     if bad[4] or bad[5]:
         raise ValueError(f"ids_keep holds an index outside [0, N) with N = {num_patches}")
+    if bad[6]:
+        raise ValueError("ids_keep holds the same patch index twice within one image")
 
 
 def _check_selection_args(ids_keep: object, cu_seqlens: object) -> None:
@@ -258,7 +276,7 @@ def _scatter_op(
 
 @_scatter_op.register_kernel("cuda")
 def _scatter_cuda(y, ids_keep, cu_seqlens, mask_token, N, max_seqlen):
-    _check_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N)
+    _check_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N, distinct=True)
     return _kernels().scatter_visible(y, ids_keep, cu_seqlens, mask_token, N, max_seqlen)
 
 
