@@ -4,6 +4,7 @@ the per-image loss, and the ViT classifier's timm interop / checkpoint loading."
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,36 @@ def test_backend_self_check_rejects_broken_backends(monkeypatch):
     monkeypatch.setitem(attention._IMPLS, "flex", attention._sdpa_per_seq)  # a correct one passes
     assert attention._self_check("flex", cpu, torch.float32)
     assert attention.resolve_backend("auto", cpu, torch.float32) == attention.CPU_AUTO_BACKEND
+
+
+def test_backend_self_check_ignores_the_callers_autocast(monkeypatch):
+    # The first forward pass runs the check inside autocast; it must still compare against a float32
+    # reference (it used to hit a dtype mismatch there and refuse every varlen backend on the GPU).
+    from amgsn.models import attention
+
+    monkeypatch.setattr(attention, "_SELF_CHECK", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention._self_check_failure("sdpa_per_seq", torch.device("cpu"), torch.float32) == ""
+
+
+def test_backend_refusal_says_why(monkeypatch):
+    from amgsn.models import attention
+
+    monkeypatch.setattr(attention, "_SELF_CHECK", {})
+    monkeypatch.setattr(attention, "_WARNED_FALLBACK", set())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setitem(attention._IMPLS, "flex", lambda q, k, v, layout: v)
+    assert "output differs from padded SDPA" in attention._self_check_failure("flex", cpu, torch.float32)
+    # Cached refusals stand in for a GPU: nothing below touches CUDA.
+    monkeypatch.setitem(attention._SELF_CHECK, ("torch_varlen", "cuda", torch.bfloat16), "RuntimeError: no kernel")
+    monkeypatch.setitem(attention._SELF_CHECK, ("flex", "cuda", torch.bfloat16), "grad of q differs")
+    with pytest.raises(ValueError, match="torch_varlen.*not usable on cuda.*no kernel"):
+        attention.resolve_backend("torch_varlen", cuda, torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"torch_varlen refused \(RuntimeError: no kernel\).*grad of q differs"):
+        assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "sdpa_padded"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (device, dtype)
+        assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "sdpa_padded"
 
 
 # ------------------------------------------------------------------------------- MAE encoder
@@ -490,6 +521,18 @@ def test_varlen_attention_cuda(seed, backend, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.cuda
+def test_auto_backend_is_varlen_under_autocast_on_cuda(monkeypatch):
+    # As the packed encoder meets it: first resolved inside bf16 autocast. Padded SDPA here would mean
+    # the GPU step silently pays for attention over the padding (seen on the H200 before the fix).
+    from amgsn.models import attention
+
+    monkeypatch.setattr(attention, "_SELF_CHECK", {})
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        chosen = attention.resolve_backend("auto", torch.device("cuda"), torch.bfloat16)
+    assert chosen in ("torch_varlen", "flex"), attention._SELF_CHECK
 
 
 @pytest.mark.cuda

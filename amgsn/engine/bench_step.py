@@ -24,6 +24,7 @@ import torch
 from amgsn.engine.common import autocast, resolve_device
 from amgsn.masking import MaskingPolicy, RatioBank
 from amgsn.models import MaskedAutoencoderViT
+from amgsn.models.attention import resolve_backend
 
 # Dense bf16 tensor-core peak (datasheet, SXM): used for MFU on these cards.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
@@ -126,6 +127,9 @@ class _Variant:
         flops = step_flops(self.net, self.seqlens, teacher=self.mode != "random")
         entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
                  "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+        if self.policy.encoder_path == "packed":  # which varlen attention the packed encoder ran on
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            entry["attn_backend"] = resolve_backend(self.net.attn_backend, torch.device(self.device), dtype)
         if self.device.startswith("cuda"):
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

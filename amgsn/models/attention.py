@@ -26,6 +26,7 @@ pass it to every block so the padding indices are not recomputed per layer.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -196,48 +197,65 @@ _IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "sdpa_per_seq": _sdpa_per_seq,
 }
 
-# (backend, device type, dtype) -> passed the self-check?
-_SELF_CHECK: dict[tuple[str, str, torch.dtype], bool] = {}
+# (backend, device type, dtype) -> "" if it passed the self-check, else why it failed.
+_SELF_CHECK: dict[tuple[str, str, torch.dtype], str] = {}
+_WARNED_FALLBACK: set[tuple[str, torch.dtype]] = set()
 
 
-def _self_check(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+def _self_check_failure(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Run ``backend`` on a tiny random packed input (forward + backward) against the padded SDPA
-    path; any exception or a mismatch marks the backend unusable for this device/dtype."""
+    path; returns "" if it matches, else the reason (the exception or the mismatch). Cached."""
     key = (backend, device.type, dtype)
     if key in _SELF_CHECK:
         return _SELF_CHECK[key]
-    ok = False
     try:
-        if backend == "xformers":
-            import xformers.ops  # noqa: F401
-        if backend == "torch_varlen" and _torch_varlen_fn() is None:
-            raise RuntimeError("no varlen_attn")
-        gen = torch.Generator().manual_seed(0)
-        cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32, device=device)
-        layout = PackedLayout.from_cu_seqlens(cu, 13)
-        # Strided views of one (T, 3, H, d) tensor, exactly as the encoder blocks pass them.
-        packed = torch.randn(19, 3, 2, 64, generator=gen).to(device, dtype).requires_grad_()
-        out = _IMPLS[backend](*packed.unbind(1), layout)
-        out.float().square().sum().backward()
-        grads = [g.float() for g in packed.grad.unbind(1)]
-        ref_in = [t.detach().float().requires_grad_() for t in packed.unbind(1)]
-        ref = _sdpa_padded(*ref_in, PackedLayout.from_cu_seqlens(cu, 13))
-        ref.square().sum().backward()
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        ok = torch.allclose(out.float(), ref, atol=tol, rtol=tol) and all(
-            torch.allclose(g, r.grad, atol=10 * tol, rtol=10 * tol) for g, r in zip(grads, ref_in)
-        )
-    except Exception:  # noqa: BLE001 — any failure means "do not use this backend here"
-        ok = False
-    _SELF_CHECK[key] = ok
-    return ok
+        # The check often runs first inside the caller's autocast region (the first forward pass):
+        # autocast would turn the float32 reference into bf16 and make the comparison meaningless.
+        with torch.autocast(device.type, enabled=False):
+            reason = _run_self_check(backend, device, dtype)
+    except Exception as err:  # noqa: BLE001 — any failure means "do not use this backend here"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        reason = f"{type(err).__name__}: {first_line[:300]}"
+    _SELF_CHECK[key] = reason
+    return reason
+
+
+def _self_check(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    return not _self_check_failure(backend, device, dtype)
+
+
+def _run_self_check(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend == "xformers":
+        import xformers.ops  # noqa: F401
+    if backend == "torch_varlen" and _torch_varlen_fn() is None:
+        return "torch.nn.attention.varlen.varlen_attn is not in this torch"
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32, device=device)
+    layout = PackedLayout.from_cu_seqlens(cu, 13)
+    # Strided views of one (T, 3, H, d) tensor, exactly as the encoder blocks pass them.
+    packed = torch.randn(19, 3, 2, 64, generator=gen).to(device, dtype).requires_grad_()
+    out = _IMPLS[backend](*packed.unbind(1), layout)
+    out.float().square().sum().backward()
+    grads = [g.float() for g in packed.grad.unbind(1)]
+    ref_in = [t.detach().float().requires_grad_() for t in packed.unbind(1)]
+    ref = _sdpa_padded(*ref_in, PackedLayout.from_cu_seqlens(cu, 13))
+    ref.square().sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    out_err = (out.float() - ref).abs().max().item()
+    if not torch.allclose(out.float(), ref, atol=tol, rtol=tol):
+        return f"output differs from padded SDPA by up to {out_err:.3g} (tolerance {tol})"
+    for name, g, r in zip("qkv", grads, ref_in):
+        if not torch.allclose(g, r.grad, atol=10 * tol, rtol=10 * tol):
+            return f"grad of {name} differs from padded SDPA by up to {(g - r.grad).abs().max().item():.3g}"
+    return ""
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend ``backend`` means for tensors on ``device`` of ``dtype``.
 
     An explicitly named backend that cannot run there raises ValueError (naming why); ``auto``
-    falls back silently along the order documented in the module docstring.
+    falls back along the order documented in the module docstring, with a one-time warning when a
+    CUDA run ends on padded SDPA (saying why each varlen backend was refused).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -248,6 +266,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                 return "torch_varlen"
             if _self_check("flex", device, dtype):
                 return "flex"
+            if (device.type, dtype) not in _WARNED_FALLBACK:
+                _WARNED_FALLBACK.add((device.type, dtype))
+                varlen = (_self_check_failure("torch_varlen", device, dtype)
+                          if dtype in (torch.float16, torch.bfloat16) else "needs float16/bfloat16")
+                warnings.warn(f"varlen attention on {device} with {dtype}: torch_varlen refused ({varlen}); "
+                              f"flex refused ({_self_check_failure('flex', device, dtype)}); using padded SDPA, "
+                              "which computes attention over the padding too", RuntimeWarning, stacklevel=3)
             return "sdpa_padded"
         return CPU_AUTO_BACKEND
     if backend in ("torch_varlen", "flex", "xformers"):
@@ -255,9 +280,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise ValueError(f"backend {backend!r} needs CUDA tensors, got device {device}")
         if backend == "torch_varlen" and dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"backend 'torch_varlen' needs float16/bfloat16 inputs, got {dtype}")
-        if not _self_check(backend, device, dtype):
-            raise ValueError(f"backend {backend!r} is not usable here (import or self-check failed "
-                             f"on {device} with {dtype})")
+        reason = _self_check_failure(backend, device, dtype)
+        if reason:
+            raise ValueError(f"backend {backend!r} is not usable on {device} with {dtype}: {reason}")
     return backend
 
 
