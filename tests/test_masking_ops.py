@@ -378,3 +378,72 @@ def test_device_side_duplicate_check(seed):
         else:
             _check_packed(ids, cu, B, N, distinct=True)
         _check_packed(ids, cu, B, N)  # without distinct=True duplicates pass
+
+
+def _count_checks(monkeypatch) -> list:
+    from amgsn.ops import masking
+
+    calls = []
+    real = masking._check_packed
+    monkeypatch.setattr(masking, "_check_packed", lambda *a, **k: (calls.append(a[2:]), real(*a, **k)))
+    return calls
+
+
+def test_own_selections_skip_the_packed_check(seed, monkeypatch):
+    # What abmg_select / abmg_mask_and_gather return is valid by construction: the gathers and
+    # scatters must not pay for checking it again (a host sync on CUDA) — and must give the same result.
+    calls = _count_checks(monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    B, N, D = 5, 23, 6
+    x = torch.randn(B, N, D, generator=gen)
+    sel = ops.abmg_select(torch.rand(B, N, generator=gen), torch.rand(B, generator=gen))
+    out = ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens, sel.max_seqlen)
+    full = ops.scatter_visible(out, sel.ids_keep, sel.cu_seqlens, torch.zeros(D), N)
+    q, k = torch.randn(B, 2, 4, generator=gen), torch.randn(B, 2, N + 1, 4, generator=gen)
+    visible, sel2 = ops.abmg_mask_and_gather(q, k, x, 0.4)
+    ops.scatter_visible(visible, sel2.ids_keep, sel2.cu_seqlens, torch.zeros(D), N)
+    assert calls == []
+    assert torch.equal(out, ref.gather_visible(x, sel.ids_keep, sel.cu_seqlens))
+    assert torch.equal(full, ref.scatter_visible(out, sel.ids_keep, sel.cu_seqlens, torch.zeros(D), N))
+
+
+def test_changed_selections_are_checked_again(seed, monkeypatch):
+    calls = _count_checks(monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    B, N, D = 3, 11, 4
+    x = torch.randn(B, N, D, generator=gen)
+    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
+    sel.ids_keep[:2].fill_(N)  # in place, through a view: out of range now
+    with pytest.raises(ValueError, match="ids_keep holds an index outside"):
+        ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
+    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
+    sel.cu_seqlens[-1] += 1
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
+    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
+    with pytest.raises(ValueError, match="ids_keep holds an index outside"):  # valid for N, not for N - 1
+        ops.gather_visible(x[:, :-1], sel.ids_keep, sel.cu_seqlens)
+    assert len(calls) == 3
+
+
+def test_user_selections_are_checked_once_and_forgotten_with_the_tensor(seed, monkeypatch):
+    from amgsn.ops import masking
+
+    calls = _count_checks(monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    B, N, D = 4, 9, 3
+    x = torch.randn(B, N, D, generator=gen)
+    want = ref.abmg_select(torch.rand(B, N, generator=gen), 0.3)
+    ids, cu = want.ids_keep.clone(), want.cu_seqlens.clone()
+    for _ in range(3):
+        ops.gather_visible(x, ids, cu)
+    assert len(calls) == 1
+    key = id(ids)
+    assert key in masking._VALIDATED
+    del ids
+    assert key not in masking._VALIDATED  # a weak reference: the entry goes with the tensor
+    with torch.inference_mode():  # inference tensors carry no version counter: always checked
+        ids_inf, cu_inf = want.ids_keep.clone(), want.cu_seqlens.clone()
+        ops.gather_visible(x, ids_inf, cu_inf)
+        ops.gather_visible(x, ids_inf, cu_inf)
+    assert len(calls) == 3

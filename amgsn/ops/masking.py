@@ -7,11 +7,16 @@ kernel is a Triton launcher (``amgsn.kernels``). ``register_fake`` gives the out
 ``register_autograd`` the gradients of the gathers/scatters.
 
 Packed layout: image ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of every (T, ...) tensor.
+
+A packed selection passed to the gathers/scatters is checked (ranges, counts, repeated ids: a host
+sync on CUDA) unless it is known valid: returned by :func:`abmg_select` / :func:`abmg_mask_and_gather`,
+or checked before, and not changed in place since (tracked through the tensors' version counters).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -83,6 +88,48 @@ def _check_packed(
         raise ValueError(f"ids_keep holds an index outside [0, N) with N = {num_patches}")
     if bad[6]:
         raise ValueError("ids_keep holds the same patch index twice within one image")
+
+
+# Packed selections known to be valid, so the gathers and scatters skip re-checking them (on CUDA the
+# check is a host sync plus ~10 small launches, more than the copy itself at training sizes): those
+# our selection ops returned, and those a gather/scatter has already checked. Keyed by id(ids_keep);
+# an entry holds weak references (it never keeps a tensor alive and goes when ids_keep goes) and both
+# tensors' version counters, so any in-place change, through a view too, sends them to the check again.
+_VALIDATED: dict[int, tuple] = {}
+
+
+def _remember_valid(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int,
+                    distinct: bool) -> None:
+    if torch.compiler.is_compiling() or ids_keep.is_inference() or cu_seqlens.is_inference():
+        return  # traced tensors are not the ones the kernels will see; inference tensors have no versions
+    key = id(ids_keep)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _VALIDATED.get(key, (None,))[0] is ref:
+            del _VALIDATED[key]
+
+    _VALIDATED[key] = (weakref.ref(ids_keep, forget), weakref.ref(cu_seqlens), ids_keep._version,
+                       cu_seqlens._version, batch, num_patches, distinct)
+
+
+def _known_valid(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int,
+                 distinct: bool) -> bool:
+    entry = _VALIDATED.get(id(ids_keep))
+    if entry is None or ids_keep.is_inference() or cu_seqlens.is_inference():
+        return False
+    ids_ref, cu_ref, ids_version, cu_version, b, n, was_distinct = entry
+    return (ids_ref() is ids_keep and cu_ref() is cu_seqlens and ids_keep._version == ids_version
+            and cu_seqlens._version == cu_version and (b, n) == (batch, num_patches)
+            and (was_distinct or not distinct))
+
+
+def _validate_packed(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int,
+                     distinct: bool = False) -> None:
+    """:func:`_check_packed`, skipped for a selection already known valid (see ``_VALIDATED``)."""
+    if _known_valid(ids_keep, cu_seqlens, batch, num_patches, distinct):
+        return
+    _check_packed(ids_keep, cu_seqlens, batch, num_patches, distinct)
+    _remember_valid(ids_keep, cu_seqlens, batch, num_patches, distinct)
 
 
 def _check_selection_args(ids_keep: object, cu_seqlens: object) -> None:
@@ -236,6 +283,7 @@ def abmg_select(
     check_same_device(scores=scores, noise=noise)
     num_keep, cu_seqlens, total, max_seqlen = _ratio_plan(mask_ratio, B, N, scores.device)
     ids_keep, mask = _select_op(scores, num_keep, cu_seqlens, total, noise, bool(relative_noise))
+    _remember_valid(ids_keep, cu_seqlens, B, N, distinct=True)  # valid by construction
     return MaskSelection(ids_keep, cu_seqlens, mask, max_seqlen)
 
 
@@ -246,13 +294,13 @@ def abmg_select(
 
 @torch.library.custom_op("amgsn::gather_visible", mutates_args=(), device_types="cpu")
 def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    _check_packed(ids_keep, cu_seqlens, x.shape[0], x.shape[1])
+    _validate_packed(ids_keep, cu_seqlens, x.shape[0], x.shape[1])
     return torch.ops.amgsn._gather_visible_cpu(x, ids_keep, cu_seqlens)
 
 
 @_gather_op.register_kernel("cuda")
 def _gather_cuda(x, ids_keep, cu_seqlens, max_seqlen):
-    _check_packed(ids_keep, cu_seqlens, x.shape[0], x.shape[1])
+    _validate_packed(ids_keep, cu_seqlens, x.shape[0], x.shape[1])
     return _kernels().gather_visible(x, ids_keep, cu_seqlens, max_seqlen)
 
 
@@ -270,13 +318,13 @@ def _scatter_op(
     N: int,
     max_seqlen: int,
 ) -> torch.Tensor:
-    _check_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N)
+    _validate_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N)
     return torch.ops.amgsn._scatter_visible_cpu(y, ids_keep, cu_seqlens, mask_token, N)
 
 
 @_scatter_op.register_kernel("cuda")
 def _scatter_cuda(y, ids_keep, cu_seqlens, mask_token, N, max_seqlen):
-    _check_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N, distinct=True)
+    _validate_packed(ids_keep, cu_seqlens, cu_seqlens.numel() - 1, N, distinct=True)
     return _kernels().scatter_visible(y, ids_keep, cu_seqlens, mask_token, N, max_seqlen)
 
 
@@ -483,4 +531,5 @@ def abmg_mask_and_gather(
     visible, ids_keep, mask = _fused_op(
         q_cls, k, x, num_keep, cu_seqlens, total, max_seqlen, noise, bool(relative_noise)
     )
+    _remember_valid(ids_keep, cu_seqlens, B, N, distinct=True)  # valid by construction
     return visible, MaskSelection(ids_keep, cu_seqlens, mask, max_seqlen)
