@@ -159,6 +159,12 @@ def _ratio_plan(
         cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
         torch.cumsum(num_keep, 0, out=cu_seqlens[1:])
         total, max_seqlen = int(cu_seqlens[-1]), int(num_keep.max())
+        if device.type == "cuda":
+            # One pinned, non-blocking copy: a plain .to(device) of pageable memory waits for the
+            # whole stream to drain, twice per call. The caching host allocator keeps the pinned
+            # buffer alive until the copy is done.
+            plan = torch.cat([num_keep, cu_seqlens.to(torch.int64)]).pin_memory().to(device, non_blocking=True)
+            return plan[:batch], plan[batch:].to(torch.int32), total, max_seqlen
         return num_keep.to(device), cu_seqlens.to(device), total, max_seqlen
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
         raise TypeError(f"mask_ratio must be a float or a tensor, got {type(mask_ratio).__name__}")
