@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from html.parser import HTMLParser
 
+import pytest
 from PIL import Image
 
 from amgsn.cli import main
@@ -79,3 +81,20 @@ def test_demo_and_report_bad_arguments(tmp_path, capsys):
     assert not (out / "data").exists()  # checked before any data is generated
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "amgsn report: error: run_dir" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_demo_quick_end_to_end_cuda(tmp_path, capsys, recwarn):
+    # The whole pipeline on the GPU (bf16 autocast, Triton masking kernels, the CUDA center loss, varlen
+    # attention): the CPU suite cannot reach these paths, and the first GPU run found two of them broken.
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--device", "cuda", "--no-progress", "--workers", "0"]) == 0
+    assert "mean class accuracy" in capsys.readouterr().out
+    for path in ("pretrain/checkpoint-last.pth", "finetune/checkpoint-best.pth", "eval/metrics.json",
+                 "model.safetensors", "report.html"):
+        assert (out / path).exists(), path
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 70 and 0.0 <= metrics["mean_class_accuracy"] <= 1.0
+    logs = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert logs and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert not [w for w in recwarn if "varlen attention" in str(w.message)]  # no padded-SDPA fallback
