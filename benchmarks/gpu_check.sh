@@ -45,7 +45,7 @@ timeout 150 $PY -m amgsn bench --device cuda --json "$OUT/bench_ops.json" --roun
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "where the step's time goes (benchmarks/profile_step.py)"
-timeout 150 $PY benchmarks/profile_step.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || status=1
+timeout 240 $PY benchmarks/profile_step.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || status=1
 grep -E "^(fused|reference|mae_random|trials) " "$OUT/profile.log" | cut -c1-300
 
 step "summary"

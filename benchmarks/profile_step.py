@@ -4,7 +4,8 @@ For each variant of ``amgsn bench-step`` (fused, reference, mae_random) this tim
 with a synchronisation between them — masking (patch embedding + teacher pass + selection + gather),
 forward (encoder + decoder + loss), backward, optimiser, ratio-bank update — and profiles two steps
 with ``torch.profiler`` (top kernels by device time, and device-busy vs wall time). It also times the
-fused variant with a fused AdamW and with each usable attention backend.
+fused variant with a fused AdamW and with each usable attention backend, and fused vs reference
+with the dense blocks (teacher, decoder) compiled.
 
     python benchmarks/profile_step.py --out runs/profile            # ViT-B/16, 224 px, B=256 on CUDA
     python benchmarks/profile_step.py --model vit_tiny --img-size 112 --patch-size 8 --batch-size 64 --device cpu
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=30, help="rows of each profiler table")
     ap.add_argument("--out", type=Path, default=Path("runs/profile"))
+    ap.add_argument("--compile-trial", action="store_true", help="also off CUDA: time compiled dense blocks")
     args = ap.parse_args()
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,33 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 — report and go on: this is a survey
                 trials[f"fused+{backend}"] = f"{type(err).__name__}: {str(err)[:200]}"
             torch.cuda.empty_cache()
+    if device.startswith("cuda") or args.compile_trial:
+        # The dense paths shared by every variant (the teacher's blocks, the decoder) compiled, so
+        # inductor fuses their LayerNorm / GELU / residual / cast glue; fused and reference round-robin.
+        try:
+            runs = {}
+            for variant in ("fused", "reference"):
+                run = _Variant(variant, args.model, args.img_size, args.patch_size, None, imgs, ratios, (lo, hi),
+                               device, 0)
+                for blk in [*run.net.blocks, *run.net.decoder_blocks]:
+                    blk.compile()
+                runs[variant] = run
+            times = {v: [] for v in runs}
+            for i in range(3 + args.steps):  # 3 warm-up steps: compilation, then a recompile at most
+                for v, run in runs.items():
+                    _sync(device)
+                    t = time.perf_counter()
+                    run.step()
+                    _sync(device)
+                    if i >= 3:
+                        times[v].append((time.perf_counter() - t) * 1e3)
+            medians = {v: statistics.median(ts) for v, ts in times.items()}
+            for v, ms in medians.items():
+                trials[f"{v}+compiled_dense_blocks"] = round(ms, 2)
+            trials["compiled_ratio"] = round(medians["reference"] / medians["fused"], 3)
+            del runs, run
+        except Exception as err:  # noqa: BLE001 — report and go on: this is a survey
+            trials["compiled_dense_blocks"] = f"{type(err).__name__}: {str(err)[:200]}"
     result["trials_step_ms"] = trials
     print("trials", json.dumps(trials), flush=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
