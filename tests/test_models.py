@@ -129,13 +129,17 @@ def test_backend_self_check_rejects_broken_backends(monkeypatch):
     assert attention.resolve_backend("auto", cpu, torch.float32) == attention.CPU_AUTO_BACKEND
 
 
-def test_backend_self_check_ignores_the_callers_autocast(monkeypatch):
-    # The first forward pass runs the check inside autocast; it must still compare against a float32
-    # reference (it used to hit a dtype mismatch there and refuse every varlen backend on the GPU).
+@pytest.mark.parametrize("context", ["autocast", "no_grad", "inference_mode"])
+def test_backend_self_check_ignores_the_callers_context(monkeypatch, context):
+    # The check runs where the first forward pass runs: inside the training step's autocast (it used
+    # to hit a dtype mismatch there and refuse every varlen backend on the GPU), or under no_grad /
+    # inference_mode (evaluation, predict: no backward to check). Its cached verdict must not depend on it.
     from amgsn.models import attention
 
     monkeypatch.setattr(attention, "_SELF_CHECK", {})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ctx = {"autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "no_grad": torch.no_grad,
+           "inference_mode": torch.inference_mode}[context]
+    with ctx():
         assert attention._self_check_failure("sdpa_per_seq", torch.device("cpu"), torch.float32) == ""
 
 
@@ -529,10 +533,11 @@ def test_auto_backend_is_varlen_under_autocast_on_cuda(monkeypatch):
     # the GPU step silently pays for attention over the padding (seen on the H200 before the fix).
     from amgsn.models import attention
 
-    monkeypatch.setattr(attention, "_SELF_CHECK", {})
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        chosen = attention.resolve_backend("auto", torch.device("cuda"), torch.bfloat16)
-    assert chosen in ("torch_varlen", "flex"), attention._SELF_CHECK
+    for ctx in (lambda: torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad, torch.inference_mode):
+        monkeypatch.setattr(attention, "_SELF_CHECK", {})
+        with ctx():
+            chosen = attention.resolve_backend("auto", torch.device("cuda"), torch.bfloat16)
+        assert chosen in ("torch_varlen", "flex"), attention._SELF_CHECK
 
 
 @pytest.mark.cuda

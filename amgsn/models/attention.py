@@ -209,9 +209,10 @@ def _self_check_failure(backend: str, device: torch.device, dtype: torch.dtype) 
     if key in _SELF_CHECK:
         return _SELF_CHECK[key]
     try:
-        # The check often runs first inside the caller's autocast region (the first forward pass):
-        # autocast would turn the float32 reference into bf16 and make the comparison meaningless.
-        with torch.autocast(device.type, enabled=False):
+        # The check runs first wherever the first forward pass runs: under autocast (which would turn
+        # the float32 reference into bf16), or no_grad / inference_mode (no backward to check). It
+        # needs none of them, and its verdict is cached for every later context.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             reason = _run_self_check(backend, device, dtype)
     except Exception as err:  # noqa: BLE001 — any failure means "do not use this backend here"
         first_line = (str(err).strip().splitlines() or [""])[0]
