@@ -67,14 +67,11 @@ def _phased_step(run: _Variant) -> dict[str, float]:
 
 
 def _step_ms(run: _Variant, steps: int) -> float:
-    times = []
+    """Median of ``steps`` timed steps (ms), as ``amgsn bench-step`` times them."""
+    run.times.clear()
     for _ in range(steps):
-        _sync(run.device)
-        t = time.perf_counter()
-        run.step()
-        _sync(run.device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        run.timed_step(record=True)
+    return statistics.median(run.times) * 1e3
 
 
 def _profile(run: _Variant, out_dir: Path, name: str, rows: int) -> dict[str, float]:
@@ -126,11 +123,12 @@ def main() -> None:
     if device.startswith("cuda"):
         result["config"]["gpu"] = torch.cuda.get_device_name()
 
-    def make(variant: str, **kw) -> _Variant:
+    def make(variant: str, prepare=None, warmup: int = 2) -> _Variant:
+        """A fresh variant; ``prepare(run)`` changes it before its warm-up steps."""
         run = _Variant(variant, args.model, args.img_size, args.patch_size, None, imgs, ratios, (lo, hi), device, 0)
-        for k, v in kw.items():
-            setattr(run, k, v)
-        for _ in range(2):
+        if prepare is not None:
+            prepare(run)
+        for _ in range(warmup):
             run.step()
         return run
 
@@ -151,24 +149,17 @@ def main() -> None:
     # What would change the fused step: a fused AdamW, another attention backend for the packed encoder.
     trials = {}
     if device.startswith("cuda"):
-        run = make("fused")
-        run.optimizer = torch.optim.AdamW(run.net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                          fused=True)
-        run.step()
-        trials["fused+fused_adamw"] = round(_step_ms(run, args.steps), 2)
-        del run
+        def fused_adamw(run: _Variant) -> None:
+            run.optimizer = torch.optim.AdamW(run.net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                              fused=True)
+
+        trials["fused+fused_adamw"] = round(_step_ms(make("fused", fused_adamw), args.steps), 2)
         from amgsn.models import attention
 
         for backend in ("torch_varlen", "flex", "sdpa_padded", "sdpa_per_seq"):
             try:
                 attention.resolve_backend(backend, torch.device(device), torch.bfloat16)
-                run = _Variant("fused", args.model, args.img_size, args.patch_size, None, imgs, ratios, (lo, hi),
-                               device, 0)
-                for m in run.net.modules():
-                    if hasattr(m, "attn_backend"):
-                        m.attn_backend = backend
-                for _ in range(2):
-                    run.step()
+                run = make("fused", lambda r, b=backend: setattr(r.net, "attn_backend", b))
                 trials[f"fused+{backend}"] = round(_step_ms(run, args.steps), 2)
                 del run
             except Exception as err:  # noqa: BLE001 — report and go on: this is a survey
@@ -177,28 +168,20 @@ def main() -> None:
     if device.startswith("cuda") or args.compile_trial:
         # The dense paths shared by every variant (the teacher's blocks, the decoder) compiled, so
         # inductor fuses their LayerNorm / GELU / residual / cast glue; fused and reference round-robin.
+        def compile_dense(run: _Variant) -> None:
+            for blk in [*run.net.blocks, *run.net.decoder_blocks]:
+                blk.compile()
+
         try:
-            runs = {}
-            for variant in ("fused", "reference"):
-                run = _Variant(variant, args.model, args.img_size, args.patch_size, None, imgs, ratios, (lo, hi),
-                               device, 0)
-                for blk in [*run.net.blocks, *run.net.decoder_blocks]:
-                    blk.compile()
-                runs[variant] = run
-            times = {v: [] for v in runs}
+            runs = {v: make(v, compile_dense, warmup=0) for v in ("fused", "reference")}
             for i in range(3 + args.steps):  # 3 warm-up steps: compilation, then a recompile at most
-                for v, run in runs.items():
-                    _sync(device)
-                    t = time.perf_counter()
-                    run.step()
-                    _sync(device)
-                    if i >= 3:
-                        times[v].append((time.perf_counter() - t) * 1e3)
-            medians = {v: statistics.median(ts) for v, ts in times.items()}
+                for run in runs.values():
+                    run.timed_step(record=i >= 3)
+            medians = {v: statistics.median(run.times) * 1e3 for v, run in runs.items()}
             for v, ms in medians.items():
                 trials[f"{v}+compiled_dense_blocks"] = round(ms, 2)
             trials["compiled_ratio"] = round(medians["reference"] / medians["fused"], 3)
-            del runs, run
+            del runs
         except Exception as err:  # noqa: BLE001 — report and go on: this is a survey
             trials["compiled_dense_blocks"] = f"{type(err).__name__}: {str(err)[:200]}"
     result["trials_step_ms"] = trials
