@@ -124,8 +124,9 @@ def _select_image(
     v = _values(s, z, scale, HAS_NOISE)
     # NaN has no place in the order: flag it (the launcher raises) and rank it as -inf meanwhile, so the
     # ranks stay a permutation and every image still writes exactly num_keep ids inside its own slots.
-    tl.store(nan_ptr, tl.max((ok & (v != v)).to(tl.int32), axis=0))
-    v = tl.where(v != v, float("-inf"), v)
+    is_nan = v != v
+    tl.store(nan_ptr, tl.max((ok & is_nan).to(tl.int32), axis=0))
+    v = tl.where(is_nan, float("-inf"), v)
 
     # rank[i] = #{j : v[j] > v[i] or (v[j] == v[i] and j < i)}, counted over (NP, BJ) tiles. The j-side
     # values are recomputed from memory (same formula, same bits): a register vector cannot be sliced.

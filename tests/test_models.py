@@ -528,8 +528,9 @@ def test_varlen_attention_cuda(seed, backend, dtype):
 
 
 @pytest.mark.cuda
-def test_auto_backend_is_varlen_under_autocast_on_cuda(monkeypatch):
-    # As the packed encoder meets it: first resolved inside bf16 autocast. Padded SDPA here would mean
+def test_auto_backend_is_varlen_in_any_context_on_cuda(monkeypatch):
+    # As the packed encoder meets it: first resolved inside bf16 autocast (training) or no_grad /
+    # inference_mode (evaluation, predict). Padded SDPA here would mean
     # the GPU step silently pays for attention over the padding (seen on the H200 before the fix).
     from amgsn.models import attention
 

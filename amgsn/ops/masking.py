@@ -115,9 +115,10 @@ def _remember_valid(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int
 def _known_valid(ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, num_patches: int,
                  distinct: bool) -> bool:
     entry = _VALIDATED.get(id(ids_keep))
-    if entry is None or ids_keep.is_inference() or cu_seqlens.is_inference():
+    if entry is None:
         return False
     ids_ref, cu_ref, ids_version, cu_version, b, n, was_distinct = entry
+    # Identity first: only registered (never inference) tensors get as far as reading _version.
     return (ids_ref() is ids_keep and cu_ref() is cu_seqlens and ids_keep._version == ids_version
             and cu_seqlens._version == cu_version and (b, n) == (batch, num_patches)
             and (was_distinct or not distinct))
