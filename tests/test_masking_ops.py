@@ -420,8 +420,11 @@ def test_changed_selections_are_checked_again(seed, monkeypatch):
     sel.cu_seqlens[-1] += 1
     with pytest.raises(ValueError, match="cu_seqlens"):
         ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
-    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
-    with pytest.raises(ValueError, match="ids_keep holds an index outside"):  # valid for N, not for N - 1
+    # Scores falling with the index: the last patch is the least salient, so every image keeps it —
+    # valid for N, not for N - 1.
+    sel = ops.abmg_select(torch.arange(N, 0, -1.0).expand(B, N), 0.5)
+    assert bool((sel.ids_keep == N - 1).any())
+    with pytest.raises(ValueError, match="ids_keep holds an index outside"):
         ops.gather_visible(x[:, :-1], sel.ids_keep, sel.cu_seqlens)
     assert len(calls) == 3
 

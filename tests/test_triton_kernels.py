@@ -171,10 +171,9 @@ def test_select_all_equal_masks_lowest_indices(seed):
 
 
 @pytest.mark.parametrize("noise_mode", ["none", "absolute", "relative"])
-def test_select_nan_raises_and_packing_stays_in_bounds(seed, noise_mode):
-    # NaN has no rank: the launchers raise like the CPU op, naming the images. The kernels rank it as
-    # -inf meanwhile, so each image still writes exactly num_keep ids into its own slots (checked
-    # through a canary past T: nothing may land outside the (T,) output).
+def test_select_nan_raises_naming_the_images(seed, noise_mode):
+    # NaN has no rank: the launchers raise like the CPU op, naming the images (what the kernels write
+    # meanwhile is checked by the next test).
     gen = torch.Generator().manual_seed(seed)
     B, N = 4, 37
     scores = torch.rand(B, N, generator=gen)
