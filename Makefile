@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench gpu-check lint clean build
+.PHONY: setup demo test bench gpu-check gpu-experiment lint clean build
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ bench: $(STAMP)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-experiment:
+	bash benchmarks/gpu_experiment.sh
 
 clean:
 	rm -rf build amgsn/_C*.so $(STAMP)

@@ -8,25 +8,185 @@ Equal epochs, several seeds; (b) and (c) share each seed's pre-training. Prints 
 table of overall accuracy, mean class accuracy and std of per-class accuracy (mean ± std over seeds).
 
     python benchmarks/experiment_balance.py --out runs/experiment --seeds 0 1 2
+
+Nothing is lost when a run is cut short: ``OUT/experiment.json`` is rewritten after every evaluated
+run, and a rerun with the same arguments reuses every finished pre-training and evaluation under
+OUT. ``--time-budget MIN`` first times two epochs of the slower pre-training (ABMG+MRUS) and of the
+slower fine-tuning (two views + both extra losses), then scales ``--pretrain-epochs`` and
+``--finetune-epochs`` by one factor so the whole comparison fits (for a lent GPU with a hard limit);
+the plan is kept in ``OUT/calibration/plan.json`` so a rerun continues with the same schedules.
+``--stop-at-prior`` ends after the first seed when every run predicted a single class for the whole
+test split: a longer schedule is needed before seeds can tell the recipes apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from amgsn.data.synthetic import ensure_synthetic
+from amgsn.engine.checkpoint import write_text_atomic
 from amgsn.engine.evaluate import evaluate
 from amgsn.engine.finetune import FinetuneConfig, finetune
 from amgsn.engine.pretrain import PretrainConfig, pretrain
 
 METRICS = ("accuracy", "mean_class_accuracy", "std_per_class_ddof0", "macro_f1")
+RECIPES = ("a_random_ce", "b_abmg_mrus_ce", "c_abmg_mrus_full")
+CALIBRATION_EPOCHS = 2
+BUDGET_MARGIN = 0.1  # the plan aims at 90 % of --time-budget: validation and evaluation are not modelled
 
 
-def main() -> None:
+def _epochs_done(run: Path) -> int:
+    """How many epochs ``run/checkpoint-last.pth`` holds (0 if there is none yet)."""
+    last = run / "checkpoint-last.pth"
+    return torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 if last.exists() else 0
+
+
+def _epoch_seconds(run: Path) -> list[float]:
+    """Training seconds of each epoch, from ``run/log.jsonl``."""
+    return [json.loads(line)["seconds"] for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _predicted_classes(metrics: dict[str, Any]) -> int:
+    """How many classes the model predicted at least once on the split (confusion-matrix columns)."""
+    cm = metrics["confusion_matrix"]
+    return sum(1 for j in range(len(cm[0])) if any(row[j] for row in cm))
+
+
+class Experiment:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.data = Path(args.data_dir) if args.data_dir else self.out / "data"
+        self.records: list[dict[str, Any]] = []
+
+    def _pretrain(self, run: Path, mask_mode: str, seed: int, epochs: int) -> str:
+        ckpt = run / "checkpoint-last.pth"
+        done = _epochs_done(run)
+        if done >= epochs:
+            return str(ckpt)  # finished by an earlier call with the same arguments
+        a = self.args
+        cfg = PretrainConfig(out=str(run), data_dir=str(self.data), mask_mode=mask_mode, seed=seed,
+                             img_size=a.image_size, patch_size=8, depth=a.depth, decoder_depth=2, epochs=epochs,
+                             batch_size=a.batch_size, warmup_epochs=1, abmg_warmup=1, workers=a.workers,
+                             save_every=epochs, progress=False, resume=str(ckpt) if done else None)
+        return pretrain(cfg)["checkpoint"]
+
+    def _finetune(self, run: Path, init: str, recipe: str, seed: int, epochs: int) -> dict[str, Any]:
+        """Fine-tune + evaluate on the test split (or reuse a finished run's metrics.json)."""
+        a = self.args
+        metrics_file = run / "eval" / "metrics.json"
+        done = _epochs_done(run)
+        if done < epochs:
+            full = recipe == "c_abmg_mrus_full"
+            resume = str(run / "checkpoint-last.pth") if done else None
+            finetune(FinetuneConfig(
+                out=str(run), data_dir=str(self.data), init=None if resume else init, resume=resume, seed=seed,
+                epochs=epochs, batch_size=a.batch_size, workers=a.workers, save_every=epochs, progress=False,
+                lambda_center=a.lambda_center if full else 0.0, lambda_supcon=a.lambda_supcon if full else 0.0,
+                center_weighting=a.center_weighting, cache_images=a.cache_images,
+            ))  # fmt: skip
+        elif metrics_file.exists():
+            return json.loads(metrics_file.read_text())
+        # Model selection on the validation split: the best epoch's weights meet the test split.
+        return evaluate(run / "checkpoint-best.pth", "synthetic", self.data, split="test", out=run / "eval",
+                        workers=a.workers, progress=False)
+
+    def plan_epochs(self) -> tuple[int, int]:
+        """The (pre-training, fine-tuning) epochs to run: as given, or scaled to ``--time-budget``.
+
+        Each run is modelled as fixed cost + epochs x cost per epoch, both measured on a short
+        calibration run of the slower variant of each stage (first-use costs such as kernel
+        compilation land in the fixed part, so the plan errs on the short side).
+        """
+        a = self.args
+        if a.time_budget is None:
+            return a.pretrain_epochs, a.finetune_epochs
+        cal = self.out / "calibration"
+        plan_file = cal / "plan.json"
+        if plan_file.exists():  # a rerun continues with the schedules it started (resumed runs must match)
+            plan = json.loads(plan_file.read_text())
+            print(f"reusing {plan_file}: {plan}", flush=True)
+            return plan["pretrain_epochs"], plan["finetune_epochs"]
+        costs = []
+        t0 = time.perf_counter()
+        for stage in ("pretrain", "finetune"):
+            start = time.perf_counter()
+            if stage == "pretrain":
+                init = self._pretrain(cal / "pre_abmg_mrus", "abmg_mrus", 0, CALIBRATION_EPOCHS)
+                run = cal / "pre_abmg_mrus"
+            else:
+                run = cal / "c_abmg_mrus_full"
+                self._finetune(run, init, "c_abmg_mrus_full", 0, CALIBRATION_EPOCHS)
+            seconds = _epoch_seconds(run)
+            per_epoch = seconds[-1]  # the last epoch: past the warm-up
+            costs.append((max(time.perf_counter() - start - sum(seconds), 0.0), per_epoch))
+        (pre_fixed, pre_epoch), (ft_fixed, ft_epoch) = costs
+        seeds = len(a.seeds)
+        left = a.time_budget * 60 * (1 - BUDGET_MARGIN) - (time.perf_counter() - t0)
+        fixed = seeds * (2 * pre_fixed + 3 * ft_fixed)  # two pre-trainings, three fine-tunings per seed
+        per_scale = seeds * (2 * pre_epoch * a.pretrain_epochs + 3 * ft_epoch * a.finetune_epochs)
+        scale = max(left - fixed, 0.0) / per_scale
+        pre, ft = (max(1, math.floor(scale * e)) for e in (a.pretrain_epochs, a.finetune_epochs))
+        print(f"calibration: pre-training {pre_fixed:.1f} s + {pre_epoch:.1f} s/epoch, fine-tuning {ft_fixed:.1f} s "
+              f"+ {ft_epoch:.1f} s/epoch; {left / 60:.1f} min left -> {pre} pre-training + {ft} fine-tuning epochs",
+              flush=True)
+        write_text_atomic(json.dumps({"pretrain_epochs": pre, "finetune_epochs": ft}) + "\n", plan_file)
+        return pre, ft
+
+    def write(self, pre_epochs: int, ft_epochs: int) -> dict[str, Any]:
+        table: dict[str, Any] = {}
+        for name in RECIPES:
+            runs = [r for r in self.records if r["recipe"] == name]
+            if not runs:
+                continue
+            table[name] = {k: {"mean": statistics.mean(r[k] for r in runs),
+                               "std": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0,
+                               "values": [r[k] for r in runs]} for k in METRICS}
+            table[name]["seeds"] = [r["seed"] for r in runs]
+            table[name]["per_class_accuracy"] = [r["per_class_accuracy"] for r in runs]
+        doc = {"args": vars(self.args), "pretrain_epochs": pre_epochs, "finetune_epochs": ft_epochs,
+               "runs": self.records, "results": table}
+        write_text_atomic(json.dumps(doc, indent=2) + "\n", self.out / "experiment.json")
+        return table
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        ensure_synthetic(self.data, a.num_train, a.num_test, image_size=a.image_size, seed=0)
+        pre_epochs, ft_epochs = self.plan_epochs()
+        for seed in a.seeds:
+            t0 = time.time()
+            base = self.out / f"s{seed}"
+            pre_random = self._pretrain(base / "pre_random", "random", seed, pre_epochs)
+            pre_abmg = self._pretrain(base / "pre_abmg_mrus", "abmg_mrus", seed, pre_epochs)
+            inits = {"a_random_ce": pre_random, "b_abmg_mrus_ce": pre_abmg, "c_abmg_mrus_full": pre_abmg}
+            for name in RECIPES:
+                start = time.time()
+                m = self._finetune(base / name, inits[name], name, seed, ft_epochs)
+                record = {"seed": seed, "recipe": name, **{k: m[k] for k in METRICS},
+                          "per_class_accuracy": m["per_class_accuracy"],
+                          "predicted_classes": _predicted_classes(m), "seconds": round(time.time() - start, 1)}
+                self.records.append(record)
+                self.write(pre_epochs, ft_epochs)
+                print(f"seed {seed} {name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS)
+                      + f", predicts {record['predicted_classes']} classes", flush=True)
+            print(f"seed {seed} took {(time.time() - t0) / 60:.1f} min", flush=True)
+            if a.stop_at_prior and all(r["predicted_classes"] == 1 for r in self.records):
+                print(f"every run of seed {seed} predicts a single class: stopping (--stop-at-prior); "
+                      f"a longer schedule is needed", flush=True)
+                break
+        return self.write(pre_epochs, ft_epochs)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--data-dir", default=None, help="synthetic set (default OUT/data)")
@@ -42,49 +202,24 @@ def main() -> None:
     ap.add_argument("--center-weighting", default="inverse")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--cache-images", action="store_true", help="fine-tuning decodes each image once")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                    help="scale both epoch counts (same factor) so the whole comparison fits in MIN minutes")
+    ap.add_argument("--stop-at-prior", action="store_true",
+                    help="stop after the first seed if every run predicted one class only")
+    args = ap.parse_args(argv)
+    for name in ("pretrain_epochs", "finetune_epochs", "batch_size", "num_train", "num_test"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.time_budget is not None and args.time_budget <= 0:
+        ap.error("--time-budget must be > 0 minutes")
 
-    out = Path(args.out)
-    data = Path(args.data_dir) if args.data_dir else out / "data"
-    ensure_synthetic(data, args.num_train, args.num_test, image_size=args.image_size, seed=0)
-    common_pre = dict(data_dir=str(data), img_size=args.image_size, patch_size=8, depth=args.depth,
-                      decoder_depth=2, epochs=args.pretrain_epochs, batch_size=args.batch_size, warmup_epochs=1,
-                      abmg_warmup=1, workers=args.workers, progress=False)
-    common_ft = dict(data_dir=str(data), epochs=args.finetune_epochs, batch_size=args.batch_size,
-                     workers=args.workers, progress=False)
-    results: dict[str, list[dict]] = {"a_random_ce": [], "b_abmg_mrus_ce": [], "c_abmg_mrus_full": []}
-    for seed in args.seeds:
-        t0 = time.time()
-        pre_random = pretrain(PretrainConfig(out=str(out / f"s{seed}/pre_random"), mask_mode="random", seed=seed,
-                                             **common_pre))["checkpoint"]
-        pre_abmg = pretrain(PretrainConfig(out=str(out / f"s{seed}/pre_abmg_mrus"), mask_mode="abmg_mrus", seed=seed,
-                                           **common_pre))["checkpoint"]
-        plans = {
-            "a_random_ce": (pre_random, 0.0, 0.0),
-            "b_abmg_mrus_ce": (pre_abmg, 0.0, 0.0),
-            "c_abmg_mrus_full": (pre_abmg, args.lambda_center, args.lambda_supcon),
-        }
-        for name, (init, lc, ls) in plans.items():
-            run = out / f"s{seed}/{name}"
-            fin = finetune(FinetuneConfig(out=str(run), init=init, lambda_center=lc, lambda_supcon=ls, seed=seed,
-                                          center_weighting=args.center_weighting, **common_ft))
-            m = evaluate(fin["checkpoint"], "synthetic", data, split="test", out=run / "eval", workers=args.workers,
-                         progress=False)
-            results[name].append({k: m[k] for k in (*METRICS, "per_class_accuracy")})
-            print(f"seed {seed} {name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS), flush=True)
-        print(f"seed {seed} took {(time.time() - t0) / 60:.1f} min", flush=True)
-
-    table = {}
-    for name, runs in results.items():
-        table[name] = {k: {"mean": statistics.mean(r[k] for r in runs),
-                           "std": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0,
-                           "values": [r[k] for r in runs]} for k in METRICS}
-        table[name]["per_class_accuracy"] = [r["per_class_accuracy"] for r in runs]
-    (out / "experiment.json").write_text(json.dumps({"args": vars(args), "results": table}, indent=2) + "\n")
+    table = Experiment(args).run()
     print("\n| run | accuracy | mean class acc. | std per class (ddof0) | macro-F1 |\n|---|---|---|---|---|")
     for name, row in table.items():
         cells = " | ".join(f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" for k in METRICS)
         print(f"| {name} | {cells} |")
+    return table
 
 
 if __name__ == "__main__":

@@ -3,24 +3,8 @@
 # run the GPU benchmarks, write JSON + a short table under $OUT. Well under 10 minutes on an H100.
 #   device tool:  bash benchmarks/gpu_check.sh        (locally: OUT=/tmp/gpu bash benchmarks/gpu_check.sh)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/runs/gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-[ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-16}
-PY=${PYTHON:-python3}
-status=0
-step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
-
-step "environment"
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee "$OUT/env.txt"
-
-step "build (pip install --no-build-isolation --no-deps -e .)"
-$PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-$PY -m pip install -q pytest pytest-benchmark >/dev/null 2>&1 || true
+OUT_DEFAULT=runs/gpu_check
+source "$(dirname "$0")/_gpu_env.sh"
 
 if $PY -m amgsn bench-step --help >/dev/null 2>&1; then
   step "training step: ViT-B/16, 224 px, batch 256, bf16"

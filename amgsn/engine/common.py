@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from amgsn.engine import distributed
 
+# Training loops refresh the progress bar's loss every this many steps: reading it is a host sync.
+PROGRESS_EVERY = 10
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from amgsn.engine import checkpoint as ckpt
 from amgsn.engine import distributed
 from amgsn.engine.common import (
+    PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
     autocast,
@@ -476,7 +477,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         sampler = _balanced_sampler(train, cfg, epoch) if cfg.balanced_sampler else None
         loader = epoch_loader(train, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
                               drop_last=True, workers=cfg.workers, sampler=sampler)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, center, supcon (sample-weighted), images
+        # loss, ce, center, supcon (sample-weighted), images: summed on the device, so a step costs no
+        # host sync beyond the non-finite check (the progress bar reads it every PROGRESS_EVERY steps).
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         skipped_before = guard.total
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
@@ -505,14 +508,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
             global_step += 1
             terms = [loss, parts["ce"], parts["center"], parts["supcon"]]
-            sums += torch.tensor([float(t.detach()) * b for t in terms] + [b], dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0] / max(float(sums[4]), 1):.4f}",
-                            lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
+            sums += torch.stack([torch.as_tensor(t).detach().to(sums) * b for t in terms] + [sums.new_tensor(b)])
+            if not bar.disable and i % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{float(sums[0]) / max(float(sums[4]), 1):.4f}",
+                                lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
             if global_step >= total_steps:
                 done = True
                 break
         elapsed = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(sums.to(device)).tolist()
+        totals = distributed.all_reduce_sum(sums).tolist()
         n = max(totals[4], 1.0)
         metrics = _validate(model, val, cfg, device)
         record = {

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from amgsn.engine import checkpoint as ckpt
 from amgsn.engine import distributed
 from amgsn.engine.common import (
+    PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
     autocast,
@@ -219,7 +220,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.train()
         loader = epoch_loader(dataset, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
                               drop_last=True, workers=cfg.workers)
-        loss_sum, loss_count, images, skipped_before = 0.0, 0, 0, guard.total
+        # Summed on the device: no host sync per step for the log (the progress bar reads it every
+        # PROGRESS_EVERY steps; MRUS's bank update needs the per-image losses on the host anyway).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_count, images, skipped_before = 0, 0, guard.total
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and dist.is_main),
                    leave=False, dynamic_ncols=True)
@@ -238,7 +242,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 all_idx = distributed.all_gather_cat(indices.to(device)).cpu()
                 all_loss = distributed.all_gather_cat(result.per_image_loss.detach().float()).cpu()
                 bank.update(all_idx, all_loss)
-            loss_sum += float(result.loss.detach()) * imgs.shape[0]
+            loss_sum += result.loss.detach().double() * imgs.shape[0]
             loss_count += imgs.shape[0]
             images += imgs.shape[0]
             if (i + 1) % cfg.accum == 0:
@@ -247,15 +251,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 global_step += 1
                 scheduler.step_update(global_step)
                 policy.update_teacher(model)
-                bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                ratio=f"{bank.summary()['mean']:.3f}")
+                if not bar.disable and global_step % PROGRESS_EVERY == 0:
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(loss_count, 1):.4f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    ratio=f"{bank.summary()['mean']:.3f}")
                 if global_step >= total_steps:
                     done = True
                     break
         elapsed = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(torch.tensor([loss_sum, loss_count, images], dtype=torch.float64,
-                                                         device=device)).tolist()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(loss_count),
+                                                         loss_sum.new_tensor(images)])).tolist()
         counts, edges = bank.histogram(10)
         summary = bank.summary()
         record = {
