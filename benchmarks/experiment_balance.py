@@ -75,8 +75,9 @@ class Experiment:
         a = self.args
         cfg = PretrainConfig(out=str(run), data_dir=str(self.data), mask_mode=mask_mode, seed=seed,
                              img_size=a.image_size, patch_size=8, depth=a.depth, decoder_depth=2, epochs=epochs,
-                             batch_size=a.batch_size, warmup_epochs=1, abmg_warmup=1, workers=a.workers,
-                             save_every=epochs, progress=False, resume=str(ckpt) if done else None)
+                             batch_size=a.batch_size, blr=a.pretrain_blr, warmup_epochs=1, abmg_warmup=1,
+                             workers=a.workers, save_every=epochs, progress=False,
+                             resume=str(ckpt) if done else None)
         return pretrain(cfg)["checkpoint"]
 
     def _finetune(self, run: Path, init: str, recipe: str, seed: int, epochs: int) -> dict[str, Any]:
@@ -89,7 +90,8 @@ class Experiment:
             resume = str(run / "checkpoint-last.pth") if done else None
             finetune(FinetuneConfig(
                 out=str(run), data_dir=str(self.data), init=None if resume else init, resume=resume, seed=seed,
-                epochs=epochs, batch_size=a.batch_size, workers=a.workers, save_every=epochs, progress=False,
+                epochs=epochs, batch_size=a.batch_size, blr=a.finetune_blr, layer_decay=a.layer_decay,
+                workers=a.workers, save_every=epochs, progress=False,
                 lambda_center=a.lambda_center if full else 0.0, lambda_supcon=a.lambda_supcon if full else 0.0,
                 center_weighting=a.center_weighting, cache_images=a.cache_images,
             ))  # fmt: skip
@@ -160,7 +162,9 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         a = self.args
         self.out.mkdir(parents=True, exist_ok=True)
-        ensure_synthetic(self.data, a.num_train, a.num_test, image_size=a.image_size, seed=0)
+        # Same bytes whatever the number of render processes (DESIGN §6).
+        ensure_synthetic(self.data, a.num_train, a.num_test, image_size=a.image_size, seed=0, workers=a.workers,
+                         progress=False)
         pre_epochs, ft_epochs = self.plan_epochs()
         for seed in a.seeds:
             t0 = time.time()
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--pretrain-blr", type=float, default=PretrainConfig.blr)
+    ap.add_argument("--finetune-blr", type=float, default=FinetuneConfig.blr)
+    ap.add_argument("--layer-decay", type=float, default=FinetuneConfig.layer_decay)
     ap.add_argument("--lambda-center", type=float, default=0.01)
     ap.add_argument("--lambda-supcon", type=float, default=0.1)
     ap.add_argument("--center-weighting", default="inverse")
