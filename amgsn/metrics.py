@@ -152,6 +152,13 @@ def classification_metrics(confusion: Any, classes: Sequence[str]) -> dict[str, 
     }
 
 
+def predicted_classes(metrics: Mapping[str, Any]) -> list[str]:
+    """The classes a :func:`classification_metrics` dict's model predicted at least once (the
+    non-empty columns of its confusion matrix). One name means it predicted that class for every sample."""
+    columns = [sum(col) for col in zip(*metrics["confusion_matrix"])]
+    return [name for name, n in zip(metrics["classes"], columns) if n > 0]
+
+
 def _summary(values: list[float]) -> dict[str, Any]:
     """Mean and sample std (ddof = 1, the usual "± std over seeds"; ``None`` for a single value)."""
     arr = np.asarray(values, dtype=np.float64)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from amgsn.engine.checkpoint import write_text_atomic
 from amgsn.engine.evaluate import evaluate
 from amgsn.engine.finetune import FinetuneConfig, finetune
 from amgsn.engine.pretrain import PretrainConfig, pretrain
+from amgsn.metrics import aggregate_runs, predicted_classes
 
 METRICS = ("accuracy", "mean_class_accuracy", "std_per_class_ddof0", "macro_f1")
 RECIPES = ("a_random_ce", "b_abmg_mrus_ce", "c_abmg_mrus_full")
@@ -49,15 +49,12 @@ def _epochs_done(run: Path) -> int:
     return torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 if last.exists() else 0
 
 
-def _epoch_seconds(run: Path) -> list[float]:
-    """Training seconds of each epoch, from ``run/log.jsonl``."""
-    return [json.loads(line)["seconds"] for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _predicted_classes(metrics: dict[str, Any]) -> int:
-    """How many classes the model predicted at least once on the split (confusion-matrix columns)."""
-    cm = metrics["confusion_matrix"]
-    return sum(1 for j in range(len(cm[0])) if any(row[j] for row in cm))
+def _run_costs(run: Path, wall_seconds: float) -> tuple[float, float]:
+    """-> (fixed seconds, seconds per epoch) of a finished run that took ``wall_seconds``, from the
+    training seconds its ``log.jsonl`` records per epoch (the last one: past the warm-up)."""
+    lines = (run / "log.jsonl").read_text().splitlines()
+    seconds = [json.loads(line)["seconds"] for line in lines if line.strip()]
+    return max(wall_seconds - sum(seconds), 0.0), seconds[-1]
 
 
 class Experiment:
@@ -65,7 +62,8 @@ class Experiment:
         self.args = args
         self.out = Path(args.out)
         self.data = Path(args.data_dir) if args.data_dir else self.out / "data"
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []  # one per evaluated run: seed, recipe, headline metrics
+        self.metrics: dict[str, list[dict[str, Any]]] = {name: [] for name in RECIPES}  # full metrics.json
 
     def _pretrain(self, run: Path, mask_mode: str, seed: int, epochs: int) -> str:
         ckpt = run / "checkpoint-last.pth"
@@ -117,22 +115,15 @@ class Experiment:
             plan = json.loads(plan_file.read_text())
             print(f"reusing {plan_file}: {plan}", flush=True)
             return plan["pretrain_epochs"], plan["finetune_epochs"]
-        costs = []
         t0 = time.perf_counter()
-        for stage in ("pretrain", "finetune"):
-            start = time.perf_counter()
-            if stage == "pretrain":
-                init = self._pretrain(cal / "pre_abmg_mrus", "abmg_mrus", 0, CALIBRATION_EPOCHS)
-                run = cal / "pre_abmg_mrus"
-            else:
-                run = cal / "c_abmg_mrus_full"
-                self._finetune(run, init, "c_abmg_mrus_full", 0, CALIBRATION_EPOCHS)
-            seconds = _epoch_seconds(run)
-            per_epoch = seconds[-1]  # the last epoch: past the warm-up
-            costs.append((max(time.perf_counter() - start - sum(seconds), 0.0), per_epoch))
-        (pre_fixed, pre_epoch), (ft_fixed, ft_epoch) = costs
+        init = self._pretrain(cal / "pre_abmg_mrus", "abmg_mrus", 0, CALIBRATION_EPOCHS)
+        t1 = time.perf_counter()
+        self._finetune(cal / "c_abmg_mrus_full", init, "c_abmg_mrus_full", 0, CALIBRATION_EPOCHS)
+        t2 = time.perf_counter()
+        pre_fixed, pre_epoch = _run_costs(cal / "pre_abmg_mrus", t1 - t0)
+        ft_fixed, ft_epoch = _run_costs(cal / "c_abmg_mrus_full", t2 - t1)
         seeds = len(a.seeds)
-        left = a.time_budget * 60 * (1 - BUDGET_MARGIN) - (time.perf_counter() - t0)
+        left = a.time_budget * 60 * (1 - BUDGET_MARGIN) - (t2 - t0)
         fixed = seeds * (2 * pre_fixed + 3 * ft_fixed)  # two pre-trainings, three fine-tunings per seed
         per_scale = seeds * (2 * pre_epoch * a.pretrain_epochs + 3 * ft_epoch * a.finetune_epochs)
         scale = max(left - fixed, 0.0) / per_scale
@@ -144,16 +135,8 @@ class Experiment:
         return pre, ft
 
     def write(self, pre_epochs: int, ft_epochs: int) -> dict[str, Any]:
-        table: dict[str, Any] = {}
-        for name in RECIPES:
-            runs = [r for r in self.records if r["recipe"] == name]
-            if not runs:
-                continue
-            table[name] = {k: {"mean": statistics.mean(r[k] for r in runs),
-                               "std": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0,
-                               "values": [r[k] for r in runs]} for k in METRICS}
-            table[name]["seeds"] = [r["seed"] for r in runs]
-            table[name]["per_class_accuracy"] = [r["per_class_accuracy"] for r in runs]
+        """Rewrite ``OUT/experiment.json`` (atomically) with every run so far; -> the summary table."""
+        table = {name: aggregate_runs(runs) for name, runs in self.metrics.items() if runs}
         doc = {"args": vars(self.args), "pretrain_epochs": pre_epochs, "finetune_epochs": ft_epochs,
                "runs": self.records, "results": table}
         write_text_atomic(json.dumps(doc, indent=2) + "\n", self.out / "experiment.json")
@@ -176,14 +159,14 @@ class Experiment:
                 start = time.time()
                 m = self._finetune(base / name, inits[name], name, seed, ft_epochs)
                 record = {"seed": seed, "recipe": name, **{k: m[k] for k in METRICS},
-                          "per_class_accuracy": m["per_class_accuracy"],
-                          "predicted_classes": _predicted_classes(m), "seconds": round(time.time() - start, 1)}
+                          "predicted_classes": predicted_classes(m), "seconds": round(time.time() - start, 1)}
                 self.records.append(record)
+                self.metrics[name].append(m)
                 self.write(pre_epochs, ft_epochs)
                 print(f"seed {seed} {name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS)
-                      + f", predicts {record['predicted_classes']} classes", flush=True)
+                      + f", predicts {len(record['predicted_classes'])} classes", flush=True)
             print(f"seed {seed} took {(time.time() - t0) / 60:.1f} min", flush=True)
-            if a.stop_at_prior and all(r["predicted_classes"] == 1 for r in self.records):
+            if a.stop_at_prior and all(len(r["predicted_classes"]) == 1 for r in self.records):
                 print(f"every run of seed {seed} predicts a single class: stopping (--stop-at-prior); "
                       f"a longer schedule is needed", flush=True)
                 break
@@ -224,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = Experiment(args).run()
     print("\n| run | accuracy | mean class acc. | std per class (ddof0) | macro-F1 |\n|---|---|---|---|---|")
     for name, row in table.items():
-        cells = " | ".join(f"{row[k]['mean']:.4f} ± {row[k]['std']:.4f}" for k in METRICS)
+        # std over seeds (ddof 1); "-" for a single seed
+        cells = " | ".join(f"{row[k]['mean']:.4f} ± " + ("-" if row[k]["std"] is None else f"{row[k]['std']:.4f}")
+                           for k in METRICS)
         print(f"| {name} | {cells} |")
     return table
 

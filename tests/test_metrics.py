@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from amgsn.metrics import SCALAR_METRICS, aggregate_runs, classification_metrics, confusion_matrix
+from amgsn.metrics import (
+    SCALAR_METRICS,
+    aggregate_runs,
+    classification_metrics,
+    confusion_matrix,
+    predicted_classes,
+)
 
 KEYS = {
     "classes",
@@ -237,3 +243,12 @@ def test_aggregate_bad_input():
         aggregate_runs([a, 3])
     with pytest.raises(TypeError, match="runs must be a sequence"):
         aggregate_runs(a)
+
+
+def test_predicted_classes_are_the_non_empty_columns():
+    classes = ["A", "B", "C"]
+    assert predicted_classes({"classes": classes, "confusion_matrix": [[0, 4, 0], [0, 9, 0], [0, 2, 0]]}) == ["B"]
+    assert predicted_classes({"classes": classes, "confusion_matrix": [[5, 0, 1], [3, 0, 0], [0, 0, 2]]}) == ["A", "C"]
+    # from a real metrics dict: a class never predicted (though it has samples) is not listed
+    m = classification_metrics(confusion_matrix([0, 1, 1, 2], [0, 0, 2, 2], 3), classes)
+    assert predicted_classes(m) == ["A", "C"]

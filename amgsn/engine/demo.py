@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from amgsn.metrics import predicted_classes
+
 # Why these sizes: a ViT-Tiny trunk of 6 blocks at 64 px with 8-px patches (64 tokens) keeps a
 # training step at tens of images per second on 2 CPU cores, while 64 px still shows every action
 # unit of the synthetic faces. 2 000 training images in RAF-DB's class proportions keep the rare
@@ -100,8 +102,7 @@ def _stage(title: str, detail: str) -> None:
 
 def _collapse_warning(metrics: dict[str, Any]) -> list[str]:
     """A line saying so when the classifier predicts one class for every test image."""
-    columns = [sum(col) for col in zip(*metrics["confusion_matrix"])]  # predictions per class
-    used = [name for name, n in zip(metrics["classes"], columns) if n > 0]
+    used = predicted_classes(metrics)
     if len(used) != 1:
         return []
     return [f"  note                  every test image was predicted '{used[0]}': the classifier has not",

@@ -508,7 +508,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
             global_step += 1
             terms = [loss, parts["ce"], parts["center"], parts["supcon"]]
-            sums += torch.stack([torch.as_tensor(t).detach().to(sums) * b for t in terms] + [sums.new_tensor(b)])
+            sums += torch.cat([torch.stack(terms).detach().to(sums) * b, sums.new_tensor([b])])
             if not bar.disable and i % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{float(sums[0]) / max(float(sums[4]), 1):.4f}",
                                 lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
