@@ -7,9 +7,11 @@
 # machine after gpu_check.sh rebuilds nothing), SEEDS ("0"), NUM_TRAIN (12000: at the demo's 2 000 a
 # ViT-Tiny memorises before it learns the expressions, RESULTS.md), NUM_TEST (1400), LAYER_DECAY
 # (0.65), FINETUNE_BLR (2e-3: lr 5e-4 at batch 64, the rate at which the CPU runs on the 12 000-image
-# set left the class prior after ~16 epochs, RESULTS.md); PRE_EPOCHS + FT_EPOCHS fix the schedules instead of the budget (to add
-# seeds to an earlier call's plan). Checkpoints stay in runs/ (too big to send back); $OUT gets
-# experiment.json, the logs, configs, metrics and plots.
+# set left the class prior after ~16 epochs, RESULTS.md), AUTO_AUGMENT and RE_PROB (fine-tuning's
+# RandAugment policy, 'none' = off, and random erasing; default: the engine's); PRE_EPOCHS +
+# FT_EPOCHS fix the schedules instead of the budget (to add seeds to an earlier call's plan).
+# Checkpoints stay in runs/ (too big to send back); $OUT gets experiment.json, the logs, configs,
+# metrics and plots.
 set -uo pipefail
 OUT_DEFAULT=runs/gpu_experiment
 source "$(dirname "$0")/_gpu_env.sh"
@@ -27,6 +29,7 @@ step "balance experiment: seeds ${SEEDS:-0}, ${NUM_TRAIN:-12000} training images
 timeout $(( BUDGET_MIN * 60 + 150 )) $PY benchmarks/experiment_balance.py --out "$RUNS" --seeds ${SEEDS:-0} \
     --num-train "${NUM_TRAIN:-12000}" --num-test "${NUM_TEST:-1400}" $SCHEDULE --stop-at-prior \
     --layer-decay "${LAYER_DECAY:-0.65}" --finetune-blr "${FINETUNE_BLR:-2e-3}" \
+    ${AUTO_AUGMENT:+--auto-augment "$AUTO_AUGMENT"} ${RE_PROB:+--re-prob "$RE_PROB"} \
     --workers "$WORKERS" --cache-images 2>&1 | tee "$OUT/experiment.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -75,6 +75,27 @@ def test_finished_training_without_metrics_is_evaluated_not_retrained(tiny_synth
     assert evaluated == [out / "s0" / "b_abmg_mrus_ce" / "checkpoint-best.pth"]
 
 
+def test_fine_tuning_knobs_reach_every_recipe(tmp_path, monkeypatch):
+    configs = []
+    monkeypatch.setattr(eb, "finetune", configs.append)
+    monkeypatch.setattr(eb, "evaluate", lambda *a, **k: {})
+    args = eb.argparse.Namespace(
+        out=str(tmp_path), data_dir=None, batch_size=32, finetune_blr=2e-3, layer_decay=0.75, workers=0,
+        lambda_center=0.02, lambda_supcon=0.3, center_weighting="effective", cache_images=True,
+        auto_augment="None", re_prob=0.0,
+    )  # fmt: skip
+    exp = eb.Experiment(args)
+    for recipe in eb.RECIPES:
+        exp._finetune(tmp_path / recipe, "init.pth", recipe, 3, 5)
+    for cfg in configs:
+        assert (cfg.auto_augment, cfg.re_prob, cfg.blr, cfg.layer_decay, cfg.seed, cfg.epochs, cfg.init) == (
+            None, 0.0, 2e-3, 0.75, 3, 5, "init.pth")
+    assert [(c.lambda_center, c.lambda_supcon) for c in configs] == [(0.0, 0.0), (0.0, 0.0), (0.02, 0.3)]
+    args.auto_augment = "rand-m5-n1"
+    exp._finetune(tmp_path / "again", "init.pth", eb.RECIPES[0], 0, 1)
+    assert configs[-1].auto_augment == "rand-m5-n1"
+
+
 def test_time_budget_scales_both_schedules_by_one_factor(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(eb.time, "perf_counter", lambda: clock[0])
