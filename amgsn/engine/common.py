@@ -4,12 +4,25 @@ the per-step cosine schedule (timm), JSON-lines logs, and the non-finite-loss gu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 
 from amgsn.engine import distributed
 
@@ -36,48 +49,115 @@ def autocast(device: str):
     return contextlib.nullcontext()
 
 
-def epoch_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    drop_last: bool,
-    workers: int,
-    sampler: Any = None,
-    collate_fn: Any = None,
-) -> DataLoader:
-    """A loader whose order and augmentation draws depend only on (seed, epoch, rank).
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one item's augmentation in one epoch of the run seeded ``seed``."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    That is what makes resume exact: epoch e after a resume sees the same batches and the same
-    worker seeds as epoch e of an uninterrupted run. Under torchrun a DistributedSampler splits
-    the data (set_epoch reshuffles it every epoch).
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by ``(epoch, index)``; the random generators a transform draws from
+    (Python's, NumPy's and torch's CPU generator) are seeded from (run seed, epoch, index) first.
+
+    An item's augmentation then depends on nothing else: not on how many loader workers there are,
+    which of them fetched it, or what they fetched before. That is what lets the workers live for the
+    whole run and a resumed run still draw exactly what the uninterrupted one drew. In the main
+    process (``workers=0``) the training loop's own generator states are put back afterwards.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        item_seed = _item_seed(self.seed, epoch, index)
+        in_main = get_worker_info() is None
+        if in_main:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(item_seed)
+        np.random.seed(item_seed & 0xFFFF_FFFF)
+        torch.default_generator.manual_seed(item_seed)  # not torch.manual_seed: CUDA's stream stays
+        try:
+            return self.dataset[index]
+        finally:
+            if in_main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class _EpochKeys(Sampler):
+    """The indices ``sampler_for_epoch(epoch)`` draws, as ``(epoch, index)`` keys for SeededItems."""
+
+    def __init__(self, sampler_for_epoch: Callable[[int], Sampler]) -> None:
+        self.sampler_for_epoch = sampler_for_epoch
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.sampler = epoch, self.sampler_for_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class TrainLoader:
+    """One DataLoader for a whole training run; ``loader.epoch(e)`` gives the batches of epoch ``e``.
+
+    Order and augmentation depend only on (seed, epoch): the order on a generator seeded per epoch
+    (or ``sampler_for_epoch(e)``, which must be deterministic too), each item's augmentation on
+    SeededItems. Resume is exact, the result does not depend on ``workers``, and the worker processes
+    persist across epochs instead of starting anew each time. Under torchrun a DistributedSampler
+    splits the data (reshuffled every epoch).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        workers: int,
+        sampler_for_epoch: Callable[[int], Sampler] | None = None,
+        collate_fn: Any = None,
+    ) -> None:
+        self._keys = _EpochKeys(sampler_for_epoch or partial(_default_sampler, dataset, seed, shuffle, drop_last))
+        self._loader = DataLoader(
+            SeededItems(dataset, seed),
+            batch_size=batch_size,
+            sampler=self._keys,
+            num_workers=workers,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            # Its own generator for the workers' base seed (each iteration draws one): the run's
+            # global generator must not advance with the number of epochs the loader served.
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=collate_fn,
+        )
+
+    def epoch(self, epoch: int) -> DataLoader:
+        self._keys.set_epoch(epoch)
+        return self._loader
+
+
+def _default_sampler(dataset: Dataset, seed: int, shuffle: bool, drop_last: bool, epoch: int) -> Sampler:
     dist = distributed.info()
-    if sampler is None:
-        if dist.enabled:
-            sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,
-                                         seed=seed, drop_last=drop_last)
-            sampler.set_epoch(epoch)
-        elif shuffle:
-            sampler = RandomSampler(dataset, generator=gen)
-        else:
-            sampler = SequentialSampler(dataset)
-    elif hasattr(sampler, "set_epoch"):
+    if dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,
+                                     seed=seed, drop_last=drop_last)
         sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=drop_last,
-        generator=gen,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        collate_fn=collate_fn,
-    )
+        return sampler
+    if shuffle:
+        return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return SequentialSampler(dataset)
 
 
 def cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0):

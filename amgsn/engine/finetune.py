@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ from amgsn.engine.common import (
     PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
+    TrainLoader,
     autocast,
     cosine_scheduler,
     effective_lr,
-    epoch_loader,
     resolve_device,
     write_config,
 )
@@ -469,14 +470,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     guard = NonFiniteGuard()
     record: dict[str, Any] = {}
     done = global_step >= total_steps
+    balanced = partial(_balanced_sampler, train, cfg) if cfg.balanced_sampler else None
+    train_loader = TrainLoader(train, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
+                               workers=cfg.workers, sampler_for_epoch=balanced)
 
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
         model.train()
-        sampler = _balanced_sampler(train, cfg, epoch) if cfg.balanced_sampler else None
-        loader = epoch_loader(train, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
-                              drop_last=True, workers=cfg.workers, sampler=sampler)
+        loader = train_loader.epoch(epoch)
         # loss, ce, center, supcon (sample-weighted), images: summed on the device, so a step costs no
         # host sync beyond the non-finite check (the progress bar reads it every PROGRESS_EVERY steps).
         sums = torch.zeros(5, dtype=torch.float64, device=device)

@@ -25,10 +25,10 @@ from amgsn.engine.common import (
     PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
+    TrainLoader,
     autocast,
     cosine_scheduler,
     effective_lr,
-    epoch_loader,
     resolve_device,
     write_config,
 )
@@ -213,13 +213,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     guard = NonFiniteGuard()
     record: dict[str, Any] = {}
     done = global_step >= total_steps
+    train_loader = TrainLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
+                               workers=cfg.workers)
 
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
         model.train()
-        loader = epoch_loader(dataset, batch_size=cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True,
-                              drop_last=True, workers=cfg.workers)
+        loader = train_loader.epoch(epoch)
         # Summed on the device: no host sync per step for the log (the progress bar reads it every
         # PROGRESS_EVERY steps; MRUS's bank update needs the per-image losses on the host anyway).
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
