@@ -50,11 +50,16 @@ def _epochs_done(run: Path) -> int:
 
 
 def _run_costs(run: Path, wall_seconds: float) -> tuple[float, float]:
-    """-> (fixed seconds, seconds per epoch) of a finished run that took ``wall_seconds``, from the
-    training seconds its ``log.jsonl`` records per epoch (the last one: past the warm-up)."""
+    """-> (fixed seconds, seconds per epoch) of a finished run of >= 2 epochs that took ``wall_seconds``.
+
+    One epoch costs the time between the last two records of its ``log.jsonl`` (training, the
+    validation pass and the previous epoch's checkpoints: everything that recurs); what is left of
+    the wall time (start-up, the first epoch's warm-up) is fixed.
+    """
     lines = (run / "log.jsonl").read_text().splitlines()
-    seconds = [json.loads(line)["seconds"] for line in lines if line.strip()]
-    return max(wall_seconds - sum(seconds), 0.0), seconds[-1]
+    finished = [json.loads(line)["finished_at"] for line in lines if line.strip()]
+    per_epoch = finished[-1] - finished[-2]
+    return max(wall_seconds - per_epoch * len(finished), 0.0), per_epoch
 
 
 class Experiment:

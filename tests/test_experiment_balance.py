@@ -104,11 +104,14 @@ def test_time_budget_scales_both_schedules_by_one_factor(tmp_path, monkeypatch):
     exp = eb.Experiment(args)
 
     def fake_run(run: Path, fixed: float, first: float, later: float) -> None:
-        # a run costs `fixed` seconds outside its epochs; its first epoch is slower (warm-up)
-        seconds = [first] + [later] * (eb.CALIBRATION_EPOCHS - 1)
+        # a run costs `fixed` seconds before its epochs; its first epoch is slower (warm-up)
         run.mkdir(parents=True, exist_ok=True)
-        (run / "log.jsonl").write_text("".join(json.dumps({"seconds": t}) + "\n" for t in seconds))
-        clock[0] += fixed + sum(seconds)
+        clock[0] += fixed
+        records = []
+        for seconds in [first] + [later] * (eb.CALIBRATION_EPOCHS - 1):
+            clock[0] += seconds
+            records.append(json.dumps({"finished_at": 1.7e9 + clock[0]}) + "\n")
+        (run / "log.jsonl").write_text("".join(records))
 
     def fake_pretrain(run, mode, seed, epochs):
         assert (mode, epochs) == ("abmg_mrus", eb.CALIBRATION_EPOCHS)
@@ -121,9 +124,10 @@ def test_time_budget_scales_both_schedules_by_one_factor(tmp_path, monkeypatch):
         return {}
 
     exp._pretrain, exp._finetune = fake_pretrain, fake_finetune
-    # calibration: 4 + 9 + 3 + 1 + 2 + 2 = 21 s; left = 600 s x 0.9 - 21 = 519 s
-    # fixed per seed 2 x 4 + 3 x 1 = 11 s; per unit of scale 2 x 3 s x 8 + 3 x 2 s x 12 = 120 s (two seeds: x2)
-    factor = (519 - 22) / 240
+    # calibration: 4 + 9 + 3 + 1 + 2 + 2 = 21 s; left = 600 s x 0.9 - 21 = 519 s. An epoch costs what
+    # the last one did (3 s, 2 s); the rest is fixed: 4 + 9 + 3 - 2 x 3 = 10 s and 1 s.
+    # fixed per seed 2 x 10 + 3 x 1 = 23 s; per unit of scale 2 x 3 s x 8 + 3 x 2 s x 12 = 120 s (two seeds: x2)
+    factor = (519 - 46) / 240
     planned = (int(factor * 8), int(factor * 12))
     assert exp.plan_epochs() == planned
     # a rerun (e.g. after a timeout) keeps the plan its finished and resumable runs were made with

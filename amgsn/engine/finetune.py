@@ -527,6 +527,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "loss_supcon": totals[3] / n, "lr": max(g["lr"] for g in optimizer.param_groups),
             **metrics, "images_per_s": totals[4] / max(elapsed, 1e-9),
             "skipped_steps": guard.total - skipped_before, "seconds": elapsed,
+            "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
         }
         score = metrics["val_mean_class_accuracy"]
         # Strictly better only: on a tie the earlier (less trained) epoch stays the best.

@@ -271,7 +271,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "ratio_mean": summary["mean"], "ratio_min": summary["min"], "ratio_max": summary["max"],
             "ratio_hist": {"edges": edges, "counts": counts},
             "images_per_s": totals[2] / max(elapsed, 1e-9), "skipped_steps": guard.total - skipped_before,
-            "seconds": elapsed,
+            "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
         }
         log.write(record)
         last_epoch = epoch + 1 == cfg.epochs or done
