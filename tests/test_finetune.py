@@ -521,3 +521,23 @@ def test_predict_dataset_under_two_ranks_sees_each_sample_once(tmp_path):
         got = torch.load(tmp_path / f"r.{rank}")
         assert torch.equal(got["labels"], items.y)
         torch.testing.assert_close(got["probs"], expected)
+
+
+def test_predict_dataset_reuses_a_persistent_loader():
+    """Validation after every epoch reuses one loader (workers kept): each pass gives the result a
+    fresh loader gives, for a model that changes between passes."""
+    from amgsn.engine.inference import predict_dataset, prediction_loader
+
+    items = _Items(11)
+    loader = prediction_loader(items, device="cpu", batch_size=4, workers=2, persistent=True)
+    model = torch.nn.Linear(5, 3)
+    model.num_classes = 3
+    for step in range(3):
+        with torch.no_grad():
+            model.weight.add_(0.5 * step)
+        reused = predict_dataset(model, items, device="cpu", loader=loader)
+        fresh = predict_dataset(model, items, device="cpu", batch_size=3)
+        assert torch.equal(reused.labels, items.y)
+        torch.testing.assert_close(reused.probs, fresh.probs)
+        torch.testing.assert_close(reused.probs, torch.softmax(model(items.x), dim=-1))
+    assert loader._iterator is not None  # the workers survived the passes

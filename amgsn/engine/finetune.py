@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from amgsn.engine import checkpoint as ckpt
@@ -44,7 +44,7 @@ from amgsn.engine.common import (
     resolve_device,
     write_config,
 )
-from amgsn.engine.inference import predict_dataset
+from amgsn.engine.inference import predict_dataset, prediction_loader
 from amgsn.metrics import classification_metrics, confusion_matrix
 from amgsn.models import ViTClassifier
 
@@ -335,11 +335,12 @@ def _balanced_sampler(train: SplitView, cfg: FinetuneConfig, epoch: int):
 
 
 @torch.no_grad()
-def _validate(model: ViTClassifier, val: SplitView | None, cfg: FinetuneConfig, device: str) -> dict[str, Any]:
+def _validate(
+    model: ViTClassifier, val: SplitView | None, val_loader: DataLoader | None, cfg: FinetuneConfig, device: str
+) -> dict[str, Any]:
     if val is None:
         return {"val_accuracy": None, "val_mean_class_accuracy": None, "val_std_per_class_ddof0": None}
-    pred = predict_dataset(model, val, device=device, batch_size=cfg.batch_size, workers=cfg.workers,
-                           progress=cfg.progress, desc="validate")
+    pred = predict_dataset(model, val, device=device, progress=cfg.progress, desc="validate", loader=val_loader)
     m = classification_metrics(confusion_matrix(pred.labels, pred.preds, len(val.classes)), val.classes)
     return {"val_accuracy": m["accuracy"], "val_mean_class_accuracy": m["mean_class_accuracy"],
             "val_std_per_class_ddof0": m["std_per_class_ddof0"]}
@@ -470,6 +471,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     guard = NonFiniteGuard()
     record: dict[str, Any] = {}
     done = global_step >= total_steps
+    # Both loaders keep their worker processes for the whole run.
+    val_loader = None if val is None else prediction_loader(val, device=device, batch_size=cfg.batch_size,
+                                                            workers=cfg.workers, persistent=True)
     balanced = partial(_balanced_sampler, train, cfg) if cfg.balanced_sampler else None
     train_loader = TrainLoader(train, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                                workers=cfg.workers, sampler_for_epoch=balanced)
@@ -520,7 +524,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         totals = distributed.all_reduce_sum(sums).tolist()
         n = max(totals[4], 1.0)
-        metrics = _validate(model, val, cfg, device)
+        metrics = _validate(model, val, val_loader, cfg, device)
         record = {
             "stage": "finetune", "epoch": epoch, "step": global_step,
             "loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_center": totals[2] / n,

@@ -121,6 +121,18 @@ class Predictions:
     probs: torch.Tensor  # (n, C) float32 softmax probabilities
 
 
+def prediction_loader(
+    dataset: Dataset, *, device: str, batch_size: int = 64, workers: int = 0, persistent: bool = False
+) -> DataLoader:
+    """This rank's share of ``dataset`` in order: samples ``rank, rank + W, ...`` (no padding, so no
+    sample is seen twice). ``persistent`` keeps the worker processes for repeated passes (validation
+    after every epoch) instead of starting them anew each time."""
+    dist = distributed.info()
+    mine = list(range(dist.rank, len(dataset), dist.world_size))  # type: ignore[arg-type]
+    return DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.startswith("cuda"), persistent_workers=persistent and workers > 0)
+
+
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module,
@@ -131,20 +143,21 @@ def predict_dataset(
     workers: int = 0,
     progress: bool = False,
     desc: str = "predict",
+    loader: DataLoader | None = None,
 ) -> Predictions:
     """Run ``model`` over every sample of ``dataset`` (items ``(image, label, index)``) once.
 
-    Under torch.distributed each rank takes the samples ``rank, rank + W, ...`` (no padding, so
-    no sample is seen twice) and the results are gathered on every rank and put back in data-set
-    order by index. ``model`` is put in eval mode and restored afterwards.
+    Under torch.distributed each rank takes its share (:func:`prediction_loader`) and the results
+    are gathered on every rank and put back in data-set order by index. ``loader``: a
+    :func:`prediction_loader` of ``dataset`` to reuse (default: a new one). ``model`` is put in eval
+    mode and restored afterwards.
     """
     from tqdm.auto import tqdm
 
     dist = distributed.info()
     n = len(dataset)  # type: ignore[arg-type]
-    mine = list(range(dist.rank, n, dist.world_size))
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.startswith("cuda"))
+    if loader is None:
+        loader = prediction_loader(dataset, device=device, batch_size=batch_size, workers=workers)
     was_training = model.training
     model.eval()
     idx_parts, label_parts, prob_parts = [], [], []
