@@ -32,6 +32,7 @@ __all__ = [
     "plot_loss_curves",
     "plot_per_class_accuracy",
     "plot_ratio_histograms",
+    "plot_runs_per_class",
 ]
 
 DPI = 110
@@ -221,6 +222,54 @@ def plot_per_class_accuracy(metrics: Mapping[str, Any], out: str | Path | None =
     ax.set_title("Per-class accuracy" + (f"  (std {std0:.4f}, ddof 0)" if std0 is not None else ""))
     if mean_acc is not None or overall is not None:
         ax.legend(loc="upper center", ncol=2, fontsize=8.5, framealpha=0.95)
+    return _finish(fig, out)
+
+
+def plot_runs_per_class(summaries: Mapping[str, Mapping[str, Any]], out: str | Path | None = None) -> bytes:
+    """Grouped bars: per-class accuracy of several recipes side by side, mean over seeds with the
+    seeds' std as error bars (none for a single seed) — the figure a balance claim is read from.
+
+    Args:
+        summaries: recipe name -> :func:`amgsn.metrics.aggregate_runs` of its runs (same classes).
+        out: optional path to write the PNG to.
+    """
+    if not isinstance(summaries, Mapping):
+        raise TypeError(f"summaries must map recipe name -> aggregate_runs(...), got {type(summaries).__name__}")
+    if not summaries:
+        raise NothingToPlot("no recipe to plot")
+    names = None
+    for recipe, summary in summaries.items():
+        missing = [k for k in ("classes", "per_class_accuracy", "mean_class_accuracy") if k not in summary]
+        if missing:
+            raise NothingToPlot(f"summaries[{recipe!r}] is missing {missing}")
+        if names is None:
+            names = [str(c) for c in summary["classes"]]
+        elif [str(c) for c in summary["classes"]] != names:
+            raise ValueError(f"summaries[{recipe!r}] has other classes than the first recipe: {summary['classes']}")
+    assert names is not None
+    fig = _new_figure(max(6.5, 1.1 * len(names) + 2.5), 4.4)
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.grid(False, axis="x")
+    x = np.arange(len(names))
+    width = 0.8 / len(summaries)
+    for k, (recipe, summary) in enumerate(summaries.items()):
+        cells = [summary["per_class_accuracy"].get(n) or {} for n in names]
+        means = [_number(c.get("mean")) for c in cells]
+        stds = [_number(c.get("std")) for c in cells]
+        mca = summary["mean_class_accuracy"]
+        runs = summary.get("num_runs")
+        label = f"{recipe}: mean class acc. {mca['mean']:.3f}" + (
+            f" ± {mca['std']:.3f} ({runs} seeds)" if mca.get("std") is not None else f" ({runs or 1} seed)")
+        ax.bar(x + (k - (len(summaries) - 1) / 2) * width, [m or 0.0 for m in means], width=width * 0.92,
+               yerr=[s or 0.0 for s in stds] if any(s is not None for s in stds) else None,
+               capsize=2.5, label=label, zorder=2)
+    ax.set_xticks(x, names, fontsize=9)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("accuracy (recall)")
+    ax.set_title("Per-class accuracy by recipe (test split)")
+    ax.legend(loc="upper center", fontsize=8, framealpha=0.95)
     return _finish(fig, out)
 
 

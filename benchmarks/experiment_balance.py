@@ -5,7 +5,8 @@
 (c) ABMG + MRUS pre-training + CE + debiased center + SupCon
 
 Equal epochs, several seeds; (b) and (c) share each seed's pre-training. Prints and writes a JSON
-table of overall accuracy, mean class accuracy and std of per-class accuracy (mean ± std over seeds).
+table of overall accuracy, mean class accuracy and std of per-class accuracy (mean ± std over seeds),
+and ``OUT/experiment.png``: each recipe's per-class accuracy side by side.
 
     python benchmarks/experiment_balance.py --out runs/experiment --seeds 0 1 2
 
@@ -36,6 +37,7 @@ from amgsn.engine.evaluate import evaluate
 from amgsn.engine.finetune import FinetuneConfig, finetune
 from amgsn.engine.pretrain import PretrainConfig, pretrain
 from amgsn.metrics import aggregate_runs, predicted_classes
+from amgsn.viz import plot_runs_per_class
 
 METRICS = ("accuracy", "mean_class_accuracy", "std_per_class_ddof0", "macro_f1")
 RECIPES = ("a_random_ce", "b_abmg_mrus_ce", "c_abmg_mrus_full")
@@ -146,6 +148,7 @@ class Experiment:
         doc = {"args": vars(self.args), "pretrain_epochs": pre_epochs, "finetune_epochs": ft_epochs,
                "runs": self.records, "results": table}
         write_text_atomic(json.dumps(doc, indent=2) + "\n", self.out / "experiment.json")
+        plot_runs_per_class(table, self.out / "experiment.png")
         return table
 
     def run(self) -> dict[str, Any]:

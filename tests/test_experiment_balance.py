@@ -45,6 +45,7 @@ def test_one_seed_end_to_end_then_reused(tiny_synthetic, tmp_path, monkeypatch):
         assert r["predicted_classes"] == [c for j, c in enumerate(metrics["classes"]) if any(row[j] for row in cm)]
         assert r["predicted_classes"]
     # (b) and (c) start from the same ABMG+MRUS pre-training, (a) from the random-mask one
+    assert (out / "experiment.png").read_bytes().startswith(b"\x89PNG")
     inits = {name: json.loads((out / "s0" / name / "config.json").read_text())["init"] for name in eb.RECIPES}
     assert inits["b_abmg_mrus_ce"] == inits["c_abmg_mrus_full"] != inits["a_random_ce"]
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.container import BarContainer
 from PIL import Image
 
 from amgsn import viz
-from amgsn.metrics import classification_metrics, confusion_matrix
+from amgsn.metrics import aggregate_runs, classification_metrics, confusion_matrix
 from amgsn.report import build_report
 
 HEADINGS = [
@@ -291,6 +292,32 @@ def test_plots_return_png_and_write_it(tmp_path, seed):
     assert png.startswith(PNG_MAGIC) and out.read_bytes() == png
     bars = viz.plot_per_class_accuracy(m)
     assert Image.open(io.BytesIO(bars)).size[0] > 300
+
+
+def test_runs_per_class_plot_draws_each_recipes_means(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    classes = ["a", "b", "c", "d"]
+    runs = {name: [classification_metrics(rng.integers(0, 9, (4, 4)), classes) for _ in range(k)]
+            for name, k in (("one seed", 1), ("three seeds", 3))}
+    summaries = {name: aggregate_runs(r) for name, r in runs.items()}
+    png = viz.plot_runs_per_class(summaries)
+    assert png.startswith(PNG_MAGIC)
+    figures = []
+    monkeypatch.setattr(viz, "_finish", lambda fig, out: figures.append(fig) or b"")
+    viz.plot_runs_per_class(summaries)
+    (ax,) = figures[0].axes
+    heights = [p.get_height() for p in ax.patches]
+    expected = [float(np.mean([r["per_class_accuracy"][c] for r in runs[name]])) for name in runs for c in classes]
+    np.testing.assert_allclose(heights, expected)
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [c.errorbar is not None for c in bars] == [False, True]  # the seeds' std: with 3 seeds only
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0].startswith("one seed: mean class acc.") and "(3 seeds)" in legend[1]
+    with pytest.raises(viz.NothingToPlot):
+        viz.plot_runs_per_class({})
+    other = aggregate_runs([classification_metrics(rng.integers(0, 9, (2, 2)), ["a", "b"])])
+    with pytest.raises(ValueError, match="other classes"):
+        viz.plot_runs_per_class({**summaries, "other": other})
 
 
 def test_confusion_plot_with_class_without_samples():
