@@ -270,7 +270,8 @@ def _fail(name: str, err: Exception) -> int:
     return 2
 
 
-def _none_or_str(text: str) -> str | None:
+def none_or_str(text: str) -> str | None:
+    """argparse type of an optional policy string: 'none', 'off' or '' -> None."""
     return None if text.lower() in ("none", "off", "") else text
 
 
@@ -307,7 +308,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--center-weighting", default="inverse", choices=["inverse", "effective", "none"])
     p.add_argument("--center-alpha", type=float, default=0.5, help="center update rate")
     p.add_argument("--temperature", type=float, default=0.07, help="SupCon temperature")
-    p.add_argument("--auto-augment", type=_none_or_str, default="rand-m9-mstd0.5-inc1-mmax9",
+    p.add_argument("--auto-augment", type=none_or_str, default="rand-m9-mstd0.5-inc1-mmax9",
                    help="timm RandAugment policy ('none' = off)")
     p.add_argument("--re-prob", type=float, default=0.25, help="random erasing probability")
     p.add_argument("--balanced-sampler", action="store_true", help="draw each class equally often")

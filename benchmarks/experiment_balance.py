@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from amgsn.cli import none_or_str
 from amgsn.data.synthetic import ensure_synthetic
 from amgsn.engine.checkpoint import write_text_atomic
 from amgsn.engine.evaluate import evaluate
@@ -99,7 +100,7 @@ class Experiment:
                 workers=a.workers, save_every=epochs, progress=False,
                 lambda_center=a.lambda_center if full else 0.0, lambda_supcon=a.lambda_supcon if full else 0.0,
                 center_weighting=a.center_weighting, cache_images=a.cache_images,
-                auto_augment=None if a.auto_augment.lower() == "none" else a.auto_augment, re_prob=a.re_prob,
+                auto_augment=a.auto_augment, re_prob=a.re_prob,
             ))  # fmt: skip
         elif metrics_file.exists():
             return json.loads(metrics_file.read_text())
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lambda-center", type=float, default=0.01)
     ap.add_argument("--lambda-supcon", type=float, default=0.1)
     ap.add_argument("--center-weighting", default="inverse")
-    ap.add_argument("--auto-augment", default=FinetuneConfig.auto_augment,
+    ap.add_argument("--auto-augment", type=none_or_str, default=FinetuneConfig.auto_augment,
                     help="fine-tuning's timm RandAugment policy ('none' = off)")
     ap.add_argument("--re-prob", type=float, default=FinetuneConfig.re_prob, help="fine-tuning's random erasing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -83,7 +83,7 @@ def test_fine_tuning_knobs_reach_every_recipe(tmp_path, monkeypatch):
     args = eb.argparse.Namespace(
         out=str(tmp_path), data_dir=None, batch_size=32, finetune_blr=2e-3, layer_decay=0.75, workers=0,
         lambda_center=0.02, lambda_supcon=0.3, center_weighting="effective", cache_images=True,
-        auto_augment="None", re_prob=0.0,
+        auto_augment=None, re_prob=0.0,
     )  # fmt: skip
     exp = eb.Experiment(args)
     for recipe in eb.RECIPES:
@@ -139,6 +139,16 @@ def test_time_budget_scales_both_schedules_by_one_factor(tmp_path, monkeypatch):
     assert exp.plan_epochs() == (1, 1)
     args.time_budget = None
     assert exp.plan_epochs() == (8, 12)
+
+
+def test_auto_augment_off_parses_as_the_cli_does(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(eb.Experiment, "run", lambda self: seen.append(self.args.auto_augment) or {})
+    for text, parsed in (("none", None), ("Off", None), ("rand-m5-n1", "rand-m5-n1")):
+        eb.main(["--out", str(tmp_path), "--auto-augment", text])
+        assert seen[-1] == parsed
+    eb.main(["--out", str(tmp_path)])
+    assert seen[-1] == eb.FinetuneConfig.auto_augment
 
 
 def test_bad_arguments_are_refused(tmp_path):
