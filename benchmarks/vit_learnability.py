@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +35,9 @@ from synthetic_baseline import _augment, _norm, _tensors  # noqa: E402
 import amgsn.data.synthetic as synthetic  # noqa: E402
 from amgsn.data import build_dataset  # noqa: E402
 from amgsn.data.classes import RAFDB_CLASSES  # noqa: E402
+from amgsn.metrics import classification_metrics, confusion_matrix  # noqa: E402
 from amgsn.models import ViTClassifier  # noqa: E402
+from amgsn.models.pos_embed import sincos_2d  # noqa: E402
 
 VARIANTS = ("as-is", "no-nuisance", "full-intensity")
 POOLS = ("avg", "token", "max", "avgmax")
@@ -130,13 +131,31 @@ def _subset(x: torch.Tensor, y: torch.Tensor, keep: list[int]) -> tuple[torch.Te
     return x[sel], remap[y[sel]]
 
 
-def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[float, float]:
+def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    """Test accuracy and mean class accuracy (``amgsn.metrics``, classes without test images left out)."""
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(_norm(x[i: i + 200])).argmax(1) for i in range(0, len(x), 200)])
     model.train()
-    per_class = [float((pred[y == c] == c).double().mean()) for c in range(num_classes) if (y == c).any()]
-    return float((pred == y).double().mean()), float(np.mean(per_class))
+    return classification_metrics(confusion_matrix(y, pred, len(classes)), classes)
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> ViTClassifier:
+    """The ViT-Tiny classifier the arguments ask for: pooling, init checkpoint, mimetic init, sin-cos positions."""
+    model = ViTClassifier("vit_tiny", num_classes, img_size=args.size, patch_size=args.patch_size,
+                          depth=args.depth, global_pool="token" if args.pool == "token" else "avg",
+                          drop_path_rate=args.drop_path)
+    if args.pool in ("max", "avgmax"):
+        model.vit.global_pool = args.pool  # timm pools by this name; fc_norm stays as for "avg"
+    if args.init is not None:
+        model.load_pretrain_checkpoint(torch.load(args.init, map_location="cpu", weights_only=False))
+    if args.mimetic:
+        mimetic_init_(model, torch.Generator().manual_seed(args.seed + 1))
+    if args.sincos_pos:
+        pos = model.vit.pos_embed
+        pos.data.copy_(sincos_2d(pos.shape[-1], args.size // args.patch_size, cls_token=True).reshape(pos.shape))
+        pos.requires_grad_(False)
+    return model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,21 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         keep = [classes.index(c) for c in args.class_subset]
         (xtr, ytr), (xte, yte) = _subset(xtr, ytr, keep), _subset(xte, yte, keep)
         classes = args.class_subset
-    model = ViTClassifier("vit_tiny", len(classes), img_size=args.size, patch_size=args.patch_size,
-                          depth=args.depth, global_pool="token" if args.pool == "token" else "avg",
-                          drop_path_rate=args.drop_path)
-    if args.pool in ("max", "avgmax"):
-        model.vit.global_pool = args.pool  # timm pools by this name; fc_norm stays as for "avg"
-    if args.init is not None:
-        model.load_pretrain_checkpoint(torch.load(args.init, map_location="cpu", weights_only=False))
-    if args.mimetic:
-        mimetic_init_(model, torch.Generator().manual_seed(args.seed + 1))
-    if args.sincos_pos:
-        from amgsn.models.pos_embed import sincos_2d
-
-        pos = model.vit.pos_embed
-        pos.data.copy_(sincos_2d(pos.shape[-1], args.size // args.patch_size, cls_token=True).reshape(pos.shape))
-        pos.requires_grad_(False)
+    model = build_model(args, len(classes))
     params = [p for p in model.parameters() if p.requires_grad]
     if args.layer_decay is not None:
         from timm.optim import create_optimizer_v2
@@ -237,10 +242,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sched.step()
             loss_sum += loss.item()
             correct += float((logits.argmax(1) == ytr[idx]).double().mean())
-        acc, mca = _evaluate(model, xte, yte, len(classes))
+        test = _evaluate(model, xte, yte, classes)
         rec = {"epoch": epoch, "train_loss": round(loss_sum / steps_per_epoch, 4),
-               "train_acc": round(correct / steps_per_epoch, 4), "test_acc": round(acc, 4),
-               "test_mean_class_acc": round(mca, 4), "seconds": round(time.perf_counter() - t0, 1)}
+               "train_acc": round(correct / steps_per_epoch, 4), "test_acc": round(test["accuracy"], 4),
+               "test_mean_class_acc": round(test["mean_class_accuracy"], 4),
+               "seconds": round(time.perf_counter() - t0, 1)}
         records.append(rec)
         print(json.dumps(rec), flush=True)
     return records

@@ -14,6 +14,7 @@ import torch
 import amgsn.data.synthetic as synthetic
 from amgsn.data._face_model import sample_identity
 from amgsn.models import ViTClassifier
+from amgsn.models.pos_embed import sincos_2d
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_learnability.py"
 _spec = importlib.util.spec_from_file_location("vit_learnability", _PATH)
@@ -91,6 +92,20 @@ def test_mimetic_init_sets_the_attention_products():
     assert float(vo.diagonal().mean()) == pytest.approx(-0.4, abs=0.1)
     qk = sum(w[h * d:(h + 1) * d].T @ w[D + h * d: D + (h + 1) * d] for h in range(H))
     assert float(qk.diagonal().mean()) > 0.3
+
+
+def test_model_options_take_effect():
+    args = vl.parse_args(["--root", "unused", "--size", "16", "--depth", "1", "--pool", "max", "--sincos-pos"])
+    model = vl.build_model(args, 3)
+    pos = model.vit.pos_embed
+    assert not pos.requires_grad
+    assert torch.equal(pos.detach().reshape(-1, pos.shape[-1]), sincos_2d(pos.shape[-1], 2, cls_token=True))
+    tokens = torch.randn(2, 5, pos.shape[-1])  # CLS + 4 patches
+    pooled = model.vit.forward_head(tokens, pre_logits=True)
+    assert torch.allclose(pooled, model.vit.fc_norm(tokens[:, 1:].amax(dim=1)))  # max over the patch tokens
+    args = vl.parse_args(["--root", "unused", "--size", "16", "--depth", "1", "--pool", "token"])
+    model = vl.build_model(args, 3)
+    assert model.vit.global_pool == "token" and model.vit.pos_embed.requires_grad
 
 
 def test_a_tiny_run_end_to_end(tmp_path, capsys):
