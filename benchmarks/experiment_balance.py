@@ -29,11 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from amgsn.cli import none_or_str
 from amgsn.data.synthetic import ensure_synthetic
-from amgsn.engine.checkpoint import write_text_atomic
+from amgsn.engine.checkpoint import load_checkpoint, write_text_atomic
 from amgsn.engine.evaluate import evaluate
 from amgsn.engine.finetune import FinetuneConfig, finetune
 from amgsn.engine.pretrain import PretrainConfig, pretrain
@@ -49,7 +47,7 @@ BUDGET_MARGIN = 0.1  # the plan aims at 90 % of --time-budget: validation and ev
 def _epochs_done(run: Path) -> int:
     """How many epochs ``run/checkpoint-last.pth`` holds (0 if there is none yet)."""
     last = run / "checkpoint-last.pth"
-    return torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1 if last.exists() else 0
+    return load_checkpoint(last)["epoch"] + 1 if last.exists() else 0
 
 
 def _run_costs(run: Path, wall_seconds: float) -> tuple[float, float]:

@@ -35,6 +35,7 @@ from synthetic_baseline import _augment, _norm, _tensors  # noqa: E402
 import amgsn.data.synthetic as synthetic  # noqa: E402
 from amgsn.data import build_dataset  # noqa: E402
 from amgsn.data.classes import RAFDB_CLASSES  # noqa: E402
+from amgsn.engine.checkpoint import load_checkpoint  # noqa: E402
 from amgsn.metrics import classification_metrics, confusion_matrix  # noqa: E402
 from amgsn.models import ViTClassifier  # noqa: E402
 from amgsn.models.pos_embed import sincos_2d  # noqa: E402
@@ -148,7 +149,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> ViTClassifier:
     if args.pool in ("max", "avgmax"):
         model.vit.global_pool = args.pool  # timm pools by this name; fc_norm stays as for "avg"
     if args.init is not None:
-        model.load_pretrain_checkpoint(torch.load(args.init, map_location="cpu", weights_only=False))
+        model.load_pretrain_checkpoint(load_checkpoint(args.init, kind="pretrain"))
     if args.mimetic:
         mimetic_init_(model, torch.Generator().manual_seed(args.seed + 1))
     if args.sincos_pos:

@@ -4,6 +4,8 @@
 over the target: a reader sees the old file or the new one, never half of one. Every checkpoint
 holds ``kind`` ("pretrain" | "finetune"), ``args``, ``epoch`` (the last finished epoch, 0-based),
 the model/optimiser/scaler states and ``rng`` (Python, NumPy, torch CPU and CUDA generators).
+Everything in a checkpoint is a tensor or a plain Python type, so it loads with
+``weights_only=True`` (:func:`amgsn.safe_load.safe_torch_load`): a file that needs more is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from amgsn.safe_load import safe_torch_load
 
 KINDS = ("pretrain", "finetune")
 
@@ -52,10 +56,12 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every generator a training step draws from."""
+    """Every generator a training step draws from, as tensors and plain types (safe to load)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float | None)
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -64,8 +70,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (or the NumPy tuple that checkpoints held before safe loading)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -80,15 +91,11 @@ def seed_everything(seed: int) -> None:
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
     """Load a checkpoint on the CPU; ``kind`` checks it is a ``pretrain``/``finetune`` one.
 
-    Raises FileNotFoundError / ValueError naming the file and what is wrong with it.
+    Raises FileNotFoundError / ValueError naming the file and what is wrong with it
+    (:class:`~amgsn.safe_load.UnsafeFileError` for a file that would run code: nothing in it runs).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or not a torch file
-        raise ValueError(f"{path} is not a readable amgsn checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    state = safe_torch_load(path, what="amgsn checkpoint")
     if not isinstance(state, dict) or "kind" not in state or "model" not in state:
         raise ValueError(f"{path} is not an amgsn checkpoint (no 'kind'/'model' entries)")
     if kind is not None and state["kind"] != kind:

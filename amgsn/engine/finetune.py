@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from amgsn.engine.common import (
 from amgsn.engine.inference import predict_dataset, prediction_loader
 from amgsn.metrics import classification_metrics, confusion_matrix
 from amgsn.models import ViTClassifier
+from amgsn.safe_load import safe_torch_load
 
 WEIGHTINGS = ("inverse", "effective", "none")
 # MAE's RandAugment policy, with the magnitude capped at 9: at magnitude 10 timm's "increasing"
@@ -229,13 +229,7 @@ def _read_init(path: str) -> Any:
     """The object in an ``--init`` file: a checkpoint dict, a state dict, or None for safetensors."""
     if path.endswith(".safetensors"):
         return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init file not found: {path}")
-    try:
-        # Our checkpoints hold NumPy RNG state, which weights_only loading refuses.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"--init {path} is not a readable torch file ({exc.__class__.__name__}: {exc})") from exc
+    return safe_torch_load(path, what="--init file")
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> ViTClassifier:

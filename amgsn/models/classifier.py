@@ -20,6 +20,7 @@ from torch import nn
 
 from amgsn.models.sizes import VIT_SIZES, get_size, timm_vit_spec
 from amgsn.ops._checks import check_tensor
+from amgsn.safe_load import safe_torch_load
 
 POOLS = ("avg", "token")
 # Prefixes wrappers add to state-dict keys: DistributedDataParallel, torch.compile.
@@ -278,7 +279,7 @@ def _read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = safe_torch_load(path, what="timm weights file")
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
