@@ -6,7 +6,6 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.amgsn-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
 .PHONY: setup demo test bench gpu-check gpu-experiment lint clean build

@@ -2,8 +2,11 @@
 
 CUDA sources (``csrc/cuda/*.cu``) are compiled when ``FORCE_CUDA=1`` or when torch was built with
 CUDA *and* nvcc is found.  ``CUDA_HOME`` defaults to ``/usr/local/cuda`` when that exists (torch's
-own auto-detection may pick ``/usr/local`` and then the link fails), ``TORCH_CUDA_ARCH_LIST`` to
-``9.0`` (H100/H200).  Install with ``pip install --no-build-isolation -e .``.
+own auto-detection may pick ``/usr/local`` and then the link fails).  GPU architectures: the
+``TORCH_CUDA_ARCH_LIST`` you set; unset, the GPUs visible at build time (torch's own detection),
+and with none visible (CI, a build host) :data:`PORTABLE_ARCH_LIST` — A100, A10/RTX 30xx, L4/L40S/
+RTX 40xx, H100/H200, plus PTX of the newest so that later GPUs JIT.  Install with
+``pip install --no-build-isolation -e .``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import shutil
 
 if os.path.isdir("/usr/local/cuda") and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+
+PORTABLE_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
@@ -36,6 +40,18 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
 
 
+def _default_arch_list() -> None:
+    """Leave a user's TORCH_CUDA_ARCH_LIST alone; without one and without a visible GPU, build the
+    portable list (torch would otherwise guess from its own build, or fail)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return  # torch's detection: the visible GPUs' architectures, PTX of the newest
+    os.environ["TORCH_CUDA_ARCH_LIST"] = PORTABLE_ARCH_LIST
+
+
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -43,6 +59,7 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros: list = []
     if _want_cuda():
+        _default_arch_list()
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(
             name="amgsn._C",

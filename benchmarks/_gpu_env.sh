@@ -3,7 +3,8 @@
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/$OUT_DEFAULT}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# TORCH_CUDA_ARCH_LIST unset: setup.py builds for the GPU it sees (torch's detection).
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FORCE_CUDA=1
 [ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}

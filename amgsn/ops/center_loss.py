@@ -27,6 +27,7 @@ import torch
 
 import amgsn._ext  # noqa: F401  (loads amgsn._C: registers torch.ops.amgsn.center_*)
 from amgsn.ops._checks import check_dim, check_same_device, check_tensor
+from amgsn.ops._cuda_arch import ensure_kernel_image
 
 __all__ = [
     "CenterStats",
@@ -72,6 +73,8 @@ def _check_points(features: object, labels: object, centers: object) -> None:
     if centers.shape[0] < 1:
         raise ValueError(f"centers must hold at least one class, got shape {tuple(centers.shape)}")
     check_same_device(features=features, labels=labels, centers=centers)
+    if features.is_cuda:
+        ensure_kernel_image(features.device)  # a GPU this build does not cover: say so, with the fix
 
 
 def _check_class_weights(class_weights: object, centers: torch.Tensor) -> None:
