@@ -28,6 +28,8 @@ constexpr int64_t kImagesPerTask = 4;
 // score range (relative noise); the product of two floats is exact in double, so this matches the
 // reference and the Triton kernel bit for bit. Order = (v descending, index ascending); the first
 // N - num_keep in that order are masked. std::nth_element finds that set in O(N) per image.
+// NaN (docs/method.md, "Masking ops: edge cases"): a NaN value ranks as -inf, and the relative-noise
+// range is taken over the non-NaN scores — the rule of the reference and of the Triton kernels.
 std::tuple<at::Tensor, at::Tensor> abmg_select_cpu(const at::Tensor& scores, const at::Tensor& num_keep,
                                                    const at::Tensor& cu_seqlens, int64_t total,
                                                    const std::optional<at::Tensor>& noise,
@@ -57,8 +59,6 @@ std::tuple<at::Tensor, at::Tensor> abmg_select_cpu(const at::Tensor& scores, con
   at::Tensor mask = at::empty({B, N}, scores.options().dtype(at::kBool));
   int64_t* ip = ids_keep.data_ptr<int64_t>();
   bool* mp = mask.data_ptr<bool>();
-  std::atomic<bool> saw_nan{false};
-
   at::parallel_for(0, B, kImagesPerTask, [&](int64_t begin, int64_t end) {
     std::vector<double> v(N);
     std::vector<int32_t> order(N);
@@ -66,20 +66,20 @@ std::tuple<at::Tensor, at::Tensor> abmg_select_cpu(const at::Tensor& scores, con
       const float* s = sp + b * N;
       double scale = 1.0;
       if (np != nullptr && relative_noise) {
-        const auto [lo, hi] = std::minmax_element(s, s + N);
-        const float span = *hi - *lo;  // float32 subtraction, as the reference
+        float lo = INFINITY, hi = -INFINITY;
+        for (int64_t n = 0; n < N; ++n) {
+          if (std::isnan(s[n])) continue;
+          lo = std::min(lo, s[n]);
+          hi = std::max(hi, s[n]);
+        }
+        const float span = hi - lo;  // float32 subtraction, as the reference
         if (span > 0.0f) scale = static_cast<double>(span);
       }
-      bool nan = false;
       for (int64_t n = 0; n < N; ++n) {
         double value = static_cast<double>(s[n]);
         if (np != nullptr) value += static_cast<double>(np[b * N + n]) * scale;
-        v[n] = value;
-        nan |= std::isnan(value);
-      }
-      if (nan) {  // NaN breaks the strict ordering nth_element relies on
-        saw_nan = true;
-        continue;
+        // NaN would break the strict ordering nth_element relies on: it ranks as -inf.
+        v[n] = std::isnan(value) ? -INFINITY : value;
       }
       const int64_t num_mask = N - kp[b];
       bool* m = mp + b * N;
@@ -95,7 +95,6 @@ std::tuple<at::Tensor, at::Tensor> abmg_select_cpu(const at::Tensor& scores, con
         if (!m[n]) *out++ = n;
     }
   });
-  TORCH_CHECK_VALUE(!saw_nan, "scores (+ noise) contain NaN: the selection order is undefined");
   return {ids_keep, mask};
 }
 

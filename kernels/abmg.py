@@ -6,12 +6,16 @@ Semantics are exactly those of ``amgsn.ops.reference``:
 * scores: per head ``softmax(q_cls · kᵀ / sqrt(d))`` over all 1+N keys (fp32 accumulation, max
   subtracted), CLS column dropped, mean over heads;
 * selection: values ``v = f64(s) + f64(noise) * scale`` ranked by (v descending, index ascending);
-  the first ``N - num_keep[b]`` are masked. The rank is a chunked pairwise count in float64 — packed
+  the first ``N - num_keep[b]`` are masked. A NaN value ranks as -inf (below every number; NaNs and
+  -inf tie and fall back to index order), and the relative-noise range is taken over the non-NaN
+  scores — the rule of the reference and the C++ kernel (docs/method.md, "Masking ops: edge cases"),
+  so no flag, no error and no host sync; The rank is a chunked pairwise count in float64 — packed
   64-bit (value, index) keys cannot hold an f64 value plus an index, and ``tl.topk`` returns values
   only (and differs across Triton versions);
 * kept ids ascending per image at ``ids_keep[cu[b]:cu[b+1]]``, output slot = exclusive cumsum.
 
-The launchers do not validate their arguments (``amgsn.ops`` does) and accept any strides.
+The launchers do not validate their arguments (``amgsn.ops`` does; ``num_keep`` / ``cu_seqlens`` come
+from its plan) and accept any strides; they never read a device value on the host.
 Only long-standing ``tl`` APIs are used (Triton 3.6 on the GPU machine, 3.8 + interpreter here).
 """
 
@@ -102,7 +106,6 @@ def _select_image(
     t_start,  # cu_seqlens[b]
     ids_ptr,  # packed ids_keep (int64)
     mask_ptr,  # the image's mask row (uint8 view of bool)
-    nan_ptr,  # the image's NaN flag (int32): 1 if any selection value is NaN
     N,
     HAS_NOISE: tl.constexpr,
     RELATIVE: tl.constexpr,
@@ -117,16 +120,15 @@ def _select_image(
     if HAS_NOISE:
         z = tl.load(z_ptr + offs * szn, mask=ok, other=0.0).to(tl.float32)
         if RELATIVE:
-            # Range rounded to float32 first, as the reference computes it; 1 where it is 0.
-            s_max = tl.max(tl.where(ok, s, float("-inf")), axis=0)
-            span = s_max - tl.min(tl.where(ok, s, float("inf")), axis=0)
+            # Range over the non-NaN scores, rounded to float32 first as the reference computes it; 1
+            # where it is 0 (or undefined: no number, or inf - inf).
+            num = ok & (s == s)
+            s_max = tl.max(tl.where(num, s, float("-inf")), axis=0)
+            span = s_max - tl.min(tl.where(num, s, float("inf")), axis=0)
             scale = tl.where(span > 0, span, 1.0).to(tl.float64)
     v = _values(s, z, scale, HAS_NOISE)
-    # NaN has no place in the order: flag it (the launcher raises) and rank it as -inf meanwhile, so the
-    # ranks stay a permutation and every image still writes exactly num_keep ids inside its own slots.
-    is_nan = v != v
-    tl.store(nan_ptr, tl.max((ok & is_nan).to(tl.int32), axis=0))
-    v = tl.where(is_nan, float("-inf"), v)
+    # NaN ranks as -inf: the ranks stay a permutation, every image writes exactly num_keep ids.
+    v = tl.where(v != v, float("-inf"), v)
 
     # rank[i] = #{j : v[j] > v[i] or (v[j] == v[i] and j < i)}, counted over (NP, BJ) tiles. The j-side
     # values are recomputed from memory (same formula, same bits): a register vector cannot be sliced.
@@ -168,14 +170,14 @@ def _scores_kernel(
 
 @triton.jit
 def _select_kernel(
-    s_ptr, ssb, ssn, z_ptr, szb, szn, keep_ptr, cu_ptr, ids_ptr, mask_ptr, nan_ptr, N,
+    s_ptr, ssb, ssn, z_ptr, szb, szn, keep_ptr, cu_ptr, ids_ptr, mask_ptr, N,
     HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     keep = tl.load(keep_ptr + b)
     t_start = tl.load(cu_ptr + b)
     _select_image(
-        s_ptr + b * ssb, ssn, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, nan_ptr + b, N,
+        s_ptr + b * ssb, ssn, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
         HAS_NOISE, RELATIVE, NP, BJ,
     )  # fmt: skip
 
@@ -183,7 +185,7 @@ def _select_kernel(
 @triton.jit
 def _fused_kernel(
     q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, x_ptr, sxb, sxn, sxd, z_ptr, szb, szn,
-    keep_ptr, cu_ptr, scratch_ptr, ids_ptr, mask_ptr, nan_ptr, out_ptr, H, N, d, D, sm_scale,
+    keep_ptr, cu_ptr, scratch_ptr, ids_ptr, mask_ptr, out_ptr, H, N, d, D, sm_scale,
     HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BDH: tl.constexpr,
     BJ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
@@ -199,7 +201,7 @@ def _fused_kernel(
     keep = tl.load(keep_ptr + b)
     t_start = tl.load(cu_ptr + b)
     _select_image(
-        scratch_ptr + b * N, 1, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, nan_ptr + b, N,
+        scratch_ptr + b * N, 1, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
         HAS_NOISE, RELATIVE, NP, BJ,
     )  # fmt: skip
     # Same trick for the ids: re-read them in row blocks so the copy can use wide, coalesced tiles;
@@ -236,14 +238,6 @@ def _noise_args(scores: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch
     return noise, noise.stride(0), noise.stride(1)
 
 
-def _raise_on_nan(nan_flags: torch.Tensor) -> None:
-    # One host sync of B flags. The CPU op raises the same error; without it NaN scores would give a
-    # selection that depends on the kernel's tiling (silent wrong output).
-    if bool(nan_flags.any()):
-        bad = nan_flags.nonzero().flatten()[:8].tolist()
-        raise ValueError(f"scores (+ noise) contain NaN (images {bad}): the selection order is undefined")
-
-
 def abmg_select(
     scores: torch.Tensor,
     num_keep: torch.Tensor,
@@ -263,14 +257,12 @@ def abmg_select(
     if mask.numel() == 0:
         return ids, mask
     z, szb, szn = _noise_args(scores, noise)
-    nan_flags = torch.empty((B,), dtype=torch.int32, device=scores.device)
     cfg = _launch_config(N, 1, 1)
     _select_kernel[(B,)](
-        scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep, cu_seqlens, ids,
-        mask.view(torch.uint8), nan_flags, N, HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise),
+        scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep.contiguous(), cu_seqlens.contiguous(),
+        ids, mask.view(torch.uint8), N, HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise),
         NP=cfg["NP"], BJ=cfg["BJ"], num_warps=cfg["num_warps"],
     )  # fmt: skip
-    _raise_on_nan(nan_flags)
     return ids, mask
 
 
@@ -299,13 +291,11 @@ def abmg_mask_and_gather(
         return visible, ids, mask
     scratch = torch.empty((B, N), dtype=torch.float32, device=dev)
     z, szb, szn = _noise_args(scratch, noise)
-    nan_flags = torch.empty((B,), dtype=torch.int32, device=dev)
     cfg = _launch_config(N, d, D)
     _fused_kernel[(B,)](
-        q_cls, *q_cls.stride(), k, *k.stride(), x, *x.stride(), z, szb, szn, num_keep, cu_seqlens,
-        scratch, ids, mask.view(torch.uint8), nan_flags, visible, H, N, d, D, 1.0 / math.sqrt(d),
+        q_cls, *q_cls.stride(), k, *k.stride(), x, *x.stride(), z, szb, szn, num_keep.contiguous(),
+        cu_seqlens.contiguous(), scratch, ids, mask.view(torch.uint8), visible, H, N, d, D, 1.0 / math.sqrt(d),
         HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise), NP=cfg["NP"], BDH=cfg["BDH"],
         BJ=cfg["BJ"], BR=cfg["BR"], BD=cfg["BD"], num_warps=cfg["num_warps"],
     )  # fmt: skip
-    _raise_on_nan(nan_flags)
     return visible, ids, mask

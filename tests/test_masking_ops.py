@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from masking_cases import HAND_KEEP_TABLE, boundary_gap
 
 from amgsn import ops
 from amgsn.ops import reference as ref
@@ -178,6 +179,36 @@ def test_gradcheck_float64(seed):
     assert torch.autograd.gradcheck(lambda t: ops.abmg_mask_and_gather(q, k, t, 0.5)[0], (x,))
 
 
+# fp32 scores of the ops vs the reference's (different summation order): measured <= 5e-8 absolute,
+# <= 1e-6 relative, over the shapes below.
+SCORE_ATOL, SCORE_RTOL = 1e-7, 2e-6
+
+
+def assert_fused_matches_independent_reference(q, k, x, ratio, noise, rel) -> int:
+    """The op against the reference composition (its own scores, argsort, gather): every image must
+    agree exactly — mask, ids and visible rows — unless its boundary pair is a genuine near-tie: a gap
+    in the reference's selection values within what the score tolerance allows (relative noise of at
+    most 0.5 times the range at most doubles a score error). Returns the number of exact images."""
+    visible, sel = ops.abmg_mask_and_gather(q, k, x, ratio, noise, relative_noise=rel)
+    ref_visible, ref_sel = ref.abmg_mask_and_gather(q, k, x, ratio, noise, rel)
+    assert torch.equal(sel.cu_seqlens, ref_sel.cu_seqlens) and sel.max_seqlen == ref_sel.max_seqlen
+    ref_scores = ref.cls_attention_scores(q, k)
+    torch.testing.assert_close(ops.cls_attention_scores(q, k), ref_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL)
+    tie_tol = 4 * (SCORE_ATOL + SCORE_RTOL * ref_scores.abs().max().item())
+    num_keep = (ref_sel.cu_seqlens[1:] - ref_sel.cu_seqlens[:-1]).long()
+    exact = boundary_gap(ref.selection_values(ref_scores, noise, rel), num_keep) > tie_tol
+    cu = sel.cu_seqlens.tolist()
+    for b in range(q.shape[0]):
+        if exact[b]:
+            assert torch.equal(sel.mask[b], ref_sel.mask[b]), f"image {b}: masks differ away from a near-tie"
+            assert torch.equal(sel.ids_keep[cu[b]:cu[b + 1]], ref_sel.ids_keep[cu[b]:cu[b + 1]])
+            assert torch.equal(visible[cu[b]:cu[b + 1]], ref_visible[cu[b]:cu[b + 1]])
+        else:  # still a valid selection of the right size
+            assert int((~sel.mask[b]).sum()) == int(num_keep[b])
+    assert torch.equal(visible, ref.gather_visible(x, sel.ids_keep, sel.cu_seqlens))
+    return int(exact.sum())
+
+
 @pytest.mark.parametrize("B,H,N,d,D", [(1, 1, 49, 8, 1), (3, 12, 196, 64, 192), (64, 3, 197, 16, 24)])
 @pytest.mark.parametrize("noise_kind", [None, "absolute", "relative"])
 def test_fused_matches_reference(seed, B, H, N, d, D, noise_kind):
@@ -192,9 +223,23 @@ def test_fused_matches_reference(seed, B, H, N, d, D, noise_kind):
     want_sel = ref.abmg_select(ops.cls_attention_scores(q, k), ratio, noise, rel)
     assert_same_selection(sel, want_sel)
     assert torch.equal(visible, ref.gather_visible(x, want_sel.ids_keep, want_sel.cu_seqlens))
-    # and against the fully independent reference, up to near-ties of float scores
-    ref_visible, ref_sel = ref.abmg_mask_and_gather(q, k, x, ratio, noise, rel)
-    assert (sel.mask != ref_sel.mask).float().mean() < 0.01
+    # and against the fully independent reference: exact away from genuine near-ties
+    compared = assert_fused_matches_independent_reference(q, k, x, ratio, noise, rel)
+    assert compared >= B - max(1, B // 16)  # near-ties are rare with random inputs
+
+
+@pytest.mark.parametrize("N,ratios,keep", HAND_KEEP_TABLE)
+def test_per_image_packing_hand_table(seed, N, ratios, keep):
+    # Independent of num_keep_from_ratio (which the reference shares): counts worked out by hand.
+    B = len(ratios)
+    sel = ops.abmg_select(torch.rand(B, N), torch.tensor(ratios, dtype=torch.float64))
+    counts = (sel.cu_seqlens[1:] - sel.cu_seqlens[:-1]).tolist()
+    assert counts == keep and sel.cu_seqlens[0] == 0 and sel.max_seqlen == max(keep)
+    assert (~sel.mask).sum(1).tolist() == keep and sel.ids_keep.numel() == sum(keep)
+    assert ref.num_keep_from_ratio(torch.tensor(ratios, dtype=torch.float64), B, N).tolist() == keep
+    # float32 ratios (what RatioBank.ratios returns) plan the same way
+    sel32 = ops.abmg_select(torch.rand(B, N), torch.tensor(ratios, dtype=torch.float64).float())
+    assert torch.equal(sel32.cu_seqlens, sel.cu_seqlens)
 
 
 def test_torch_compile_fullgraph(seed):
@@ -223,10 +268,10 @@ def test_torch_compile_fullgraph(seed):
 def test_opcheck_custom_ops():
     sel = ref.abmg_select(torch.rand(2, 9), torch.tensor([0.3, 0.6]))
     x = torch.randn(2, 9, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.amgsn.gather_visible.default, (x, sel.ids_keep, sel.cu_seqlens, 0))
+    torch.library.opcheck(torch.ops.amgsn.gather_visible.default, (x, sel.ids_keep, sel.cu_seqlens))
     y = torch.randn(int(sel.cu_seqlens[-1]), 4, requires_grad=True)
     tok = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.amgsn.scatter_visible.default, (y, sel.ids_keep, sel.cu_seqlens, tok, 9, 0))
+    torch.library.opcheck(torch.ops.amgsn.scatter_visible.default, (y, sel.ids_keep, sel.cu_seqlens, tok, 9))
     qk = (torch.randn(2, 3, 4), torch.randn(2, 3, 10, 4))
     torch.library.opcheck(torch.ops.amgsn.cls_attention_scores.default, qk)
 
@@ -264,7 +309,6 @@ def _bad_cases(device: str):
         ("scores", lambda: ops.abmg_select(s[0], 0.5)),
         ("scores", lambda: ops.abmg_select(s.long(), 0.5)),
         ("noise", lambda: ops.abmg_select(s, 0.5, torch.rand(B, N + 1, **kw))),
-        ("NaN", lambda: ops.abmg_select(torch.full((B, N), float("nan"), **kw), 0.5)),
         ("x", lambda: ops.gather_visible(x.long(), ids, cu)),
         ("x", lambda: ops.gather_visible(x[0], ids, cu)),
         ("ids_keep", lambda: ops.gather_visible(x, ids.int(), cu)),
@@ -356,97 +400,3 @@ def test_cuda_bad_input_names_argument(case):
     name, call = _bad_cases("cuda")[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
-
-
-def test_device_side_duplicate_check(seed):
-    # The CUDA scatter relies on this check (the C++ CPU kernels find duplicates themselves); it runs
-    # without a host sync of its own, so test it here on CPU tensors against a plain loop.
-    from amgsn.ops.masking import _check_packed, _duplicate_ids
-
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(20):
-        B, N = int(torch.randint(1, 6, (), generator=gen)), int(torch.randint(1, 30, (), generator=gen))
-        counts = torch.randint(0, N + 1, (B,), generator=gen)
-        ids = torch.cat([torch.randint(0, N, (int(c),), generator=gen) for c in counts])
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = counts.cumsum(0)
-        want = any(len(set(ids[cu[b]:cu[b + 1]].tolist())) < int(counts[b]) for b in range(B))
-        assert bool(_duplicate_ids(ids, cu, B, N)) == want
-        if want:
-            with pytest.raises(ValueError, match="ids_keep holds the same patch index twice"):
-                _check_packed(ids, cu, B, N, distinct=True)
-        else:
-            _check_packed(ids, cu, B, N, distinct=True)
-        _check_packed(ids, cu, B, N)  # without distinct=True duplicates pass
-
-
-def _count_checks(monkeypatch) -> list:
-    from amgsn.ops import masking
-
-    calls = []
-    real = masking._check_packed
-    monkeypatch.setattr(masking, "_check_packed", lambda *a, **k: (calls.append(a[2:]), real(*a, **k)))
-    return calls
-
-
-def test_own_selections_skip_the_packed_check(seed, monkeypatch):
-    # What abmg_select / abmg_mask_and_gather return is valid by construction: the gathers and
-    # scatters must not pay for checking it again (a host sync on CUDA) — and must give the same result.
-    calls = _count_checks(monkeypatch)
-    gen = torch.Generator().manual_seed(seed)
-    B, N, D = 5, 23, 6
-    x = torch.randn(B, N, D, generator=gen)
-    sel = ops.abmg_select(torch.rand(B, N, generator=gen), torch.rand(B, generator=gen))
-    out = ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens, sel.max_seqlen)
-    full = ops.scatter_visible(out, sel.ids_keep, sel.cu_seqlens, torch.zeros(D), N)
-    q, k = torch.randn(B, 2, 4, generator=gen), torch.randn(B, 2, N + 1, 4, generator=gen)
-    visible, sel2 = ops.abmg_mask_and_gather(q, k, x, 0.4)
-    ops.scatter_visible(visible, sel2.ids_keep, sel2.cu_seqlens, torch.zeros(D), N)
-    assert calls == []
-    assert torch.equal(out, ref.gather_visible(x, sel.ids_keep, sel.cu_seqlens))
-    assert torch.equal(full, ref.scatter_visible(out, sel.ids_keep, sel.cu_seqlens, torch.zeros(D), N))
-
-
-def test_changed_selections_are_checked_again(seed, monkeypatch):
-    calls = _count_checks(monkeypatch)
-    gen = torch.Generator().manual_seed(seed)
-    B, N, D = 3, 11, 4
-    x = torch.randn(B, N, D, generator=gen)
-    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
-    sel.ids_keep[:2].fill_(N)  # in place, through a view: out of range now
-    with pytest.raises(ValueError, match="ids_keep holds an index outside"):
-        ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
-    sel = ops.abmg_select(torch.rand(B, N, generator=gen), 0.5)
-    sel.cu_seqlens[-1] += 1
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
-    # Scores falling with the index: the last patch is the least salient, so every image keeps it —
-    # valid for N, not for N - 1.
-    sel = ops.abmg_select(torch.arange(N, 0, -1.0).expand(B, N), 0.5)
-    assert bool((sel.ids_keep == N - 1).any())
-    with pytest.raises(ValueError, match="ids_keep holds an index outside"):
-        ops.gather_visible(x[:, :-1], sel.ids_keep, sel.cu_seqlens)
-    assert len(calls) == 3
-
-
-def test_user_selections_are_checked_once_and_forgotten_with_the_tensor(seed, monkeypatch):
-    from amgsn.ops import masking
-
-    calls = _count_checks(monkeypatch)
-    gen = torch.Generator().manual_seed(seed)
-    B, N, D = 4, 9, 3
-    x = torch.randn(B, N, D, generator=gen)
-    want = ref.abmg_select(torch.rand(B, N, generator=gen), 0.3)
-    ids, cu = want.ids_keep.clone(), want.cu_seqlens.clone()
-    for _ in range(3):
-        ops.gather_visible(x, ids, cu)
-    assert len(calls) == 1
-    key = id(ids)
-    assert key in masking._VALIDATED
-    del ids
-    assert key not in masking._VALIDATED  # a weak reference: the entry goes with the tensor
-    with torch.inference_mode():  # inference tensors carry no version counter: always checked
-        ids_inf, cu_inf = want.ids_keep.clone(), want.cu_seqlens.clone()
-        ops.gather_visible(x, ids_inf, cu_inf)
-        ops.gather_visible(x, ids_inf, cu_inf)
-    assert len(calls) == 3

@@ -70,16 +70,22 @@ def selection_values(
     the range ranks exactly like adding it to min-max-normalised scores (ABMG, DESIGN §4.1). The
     product of two float32 numbers is exact in float64, so a fused multiply-add and a separate
     multiply + add give the same bits: every implementation ranks identical values.
+
+    NaN (docs/method.md, "Masking ops: edge cases"): a NaN value becomes -inf, so it ranks below every
+    number and ties with -inf (index order decides), and the range is taken over the non-NaN scores.
     """
     values = scores.float().double()
-    if noise is None:
-        return values
-    scale = torch.ones_like(values[:, :1])
-    if relative_noise:
-        s32 = scores.float()
-        span = (s32.amax(dim=1, keepdim=True) - s32.amin(dim=1, keepdim=True)).double()
-        scale = torch.where(span > 0, span, scale)
-    return values + noise.float().double() * scale
+    if noise is not None:
+        scale = torch.ones_like(values[:, :1])
+        if relative_noise:
+            s32 = scores.float()
+            nan = s32.isnan()
+            hi = s32.masked_fill(nan, float("-inf")).amax(dim=1, keepdim=True)
+            lo = s32.masked_fill(nan, float("inf")).amin(dim=1, keepdim=True)
+            span = (hi - lo).double()
+            scale = torch.where(span > 0, span, scale)
+        values = values + noise.float().double() * scale
+    return values.masked_fill(values.isnan(), float("-inf"))
 
 
 def abmg_select(
