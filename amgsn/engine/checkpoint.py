@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from amgsn.engine import distributed
 from amgsn.safe_load import safe_torch_load
 
 KINDS = ("pretrain", "finetune")
@@ -80,6 +81,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_state_per_rank() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order: a collective under torchrun (call it on every
+    rank), ``[rng_state()]`` in one process. Ranks draw different noise (each is seeded with
+    seed + rank), so an exact resume needs each rank's own generators back."""
+    state = rng_state()
+    if not distributed.info().enabled:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def rng_entries() -> dict[str, Any]:
+    """A checkpoint's RNG entries: ``rng`` (this rank's) and ``rng_ranks`` (every rank's; a collective)."""
+    per_rank = rng_state_per_rank()
+    return {"rng": per_rank[distributed.info().rank], "rng_ranks": per_rank}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back this rank's generators from a checkpoint's ``rng_ranks`` (or ``rng``, the only entry
+    of checkpoints written before per-rank states, or by a run of another world size)."""
+    info = distributed.info()
+    per_rank = state.get("rng_ranks")
+    set_rng_state(per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else state["rng"])
 
 
 def seed_everything(seed: int) -> None:

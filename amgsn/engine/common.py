@@ -1,16 +1,22 @@
 """Pieces every training loop shares: device and autocast, deterministic per-epoch loaders,
-the per-step cosine schedule (timm), JSON-lines logs, and the non-finite-loss guard."""
+the per-step cosine schedule (timm), JSON-lines logs, the non-finite-loss guard, and the stop
+signals (SIGTERM / SIGUSR1) that end a run after a step with a checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import math
 import random
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -90,20 +96,21 @@ class SeededItems(Dataset):
 
 
 class _EpochKeys(Sampler):
-    """The indices ``sampler_for_epoch(epoch)`` draws, as ``(epoch, index)`` keys for SeededItems."""
+    """The indices ``sampler_for_epoch(epoch)`` draws, as ``(epoch, index)`` keys for SeededItems,
+    without the first ``skip`` of them (a run resumed inside the epoch)."""
 
     def __init__(self, sampler_for_epoch: Callable[[int], Sampler]) -> None:
         self.sampler_for_epoch = sampler_for_epoch
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.sampler = epoch, self.sampler_for_epoch(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.sampler, self.skip = epoch, self.sampler_for_epoch(epoch), skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, int(i)) for i in self.sampler)
+        return ((self.epoch, int(i)) for i in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class TrainLoader:
@@ -143,8 +150,12 @@ class TrainLoader:
             collate_fn=collate_fn,
         )
 
-    def epoch(self, epoch: int) -> DataLoader:
-        self._keys.set_epoch(epoch)
+    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """The batches of epoch ``epoch`` from batch ``start_batch`` on (the earlier ones are not
+        loaded: the order is a function of the epoch, so skipping them is exact)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self._keys.set_epoch(epoch, skip=start_batch * self._loader.batch_size)
         return self._loader
 
 
@@ -204,21 +215,94 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class StopSignals:
+    """SIGTERM / SIGUSR1 (cluster preemption) while a training loop runs: remember, don't die.
+
+    A ``with StopSignals() as stop:`` block routes both signals to a flag (previous handlers come
+    back on exit). The loop reports the flag through :meth:`NonFiniteGuard.check`, which sums it
+    over ranks with the loss it already all-reduces, so every rank learns of a signal that reached
+    any of them at the same step (:attr:`agreed`), at no extra collective. The loop then finishes
+    that optimizer step, writes its checkpoint and raises :class:`Preempted`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received = 0  # the first signal this process got (0: none)
+        self.agreed = 0  # the signal all ranks agreed to stop for (0: none yet)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+
+    def flags(self) -> list[float]:
+        """One 0/1 entry per signal in :data:`SIGNALS`: what this rank received."""
+        return [float(self.received == sig) for sig in self.SIGNALS]
+
+    def agree(self, counts: list[float]) -> None:
+        """Take the ranks' summed :meth:`flags`; the first signal any rank got becomes :attr:`agreed`."""
+        if not self.agreed:
+            self.agreed = next((sig for sig, n in zip(self.SIGNALS, counts) if n > 0), 0)
+
+
+class Preempted(SystemExit):
+    """A run stopped by SIGTERM / SIGUSR1 after writing ``checkpoint-last.pth``: exits the process
+    with status 128 + the signal number unless caught (the shell's convention for a signal)."""
+
+    def __init__(self, signum: int, checkpoint: str) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def preempt(stop: StopSignals, write: Callable[[], Path | None], stage: str, where: str) -> NoReturn:
+    """End a run for the signal ``stop`` agreed on: ``write`` the checkpoint (rank 0 returns its
+    path, the others None), wait until it is on disk on every rank, say where in one line, and raise
+    :class:`Preempted` (exit status 128 + signal)."""
+    path = write()
+    distributed.barrier()
+    if path is not None:
+        print(f"amgsn {stage}: {signal.Signals(stop.agreed).name} received, stopped after {where}; saved {path} "
+              f"(continue with --resume {path})", file=sys.stderr, flush=True)
+    raise Preempted(stop.agreed, str(path))
+
+
 class NonFiniteGuard:
     """Counts skipped steps; raises after ``MAX_BAD_STEPS`` non-finite losses in a row."""
 
     def __init__(self, limit: int = MAX_BAD_STEPS) -> None:
         self.limit, self.in_a_row, self.total = limit, 0, 0
 
-    def check(self, loss: torch.Tensor, where: str) -> bool:
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
+
+    def check(self, loss: torch.Tensor, where: str, stop: StopSignals | None = None) -> bool:
         """True if the step may proceed; False to skip it.
 
         Under torch.distributed the loss is summed over ranks first (finite iff finite on every
         rank), so all ranks take the same decision: a rank that skipped its backward alone would
         leave the others waiting in DDP's gradient all-reduce until the collective timeout.
+        ``stop``'s signal flags travel in the same all-reduce (see :class:`StopSignals`).
         """
-        loss = distributed.all_reduce_sum(loss.detach().float().clone())
-        if bool(torch.isfinite(loss)):
+        loss = loss.detach().float().reshape(1)
+        packed = torch.cat([loss, loss.new_tensor(stop.flags() if stop is not None else [])])  # a copy
+        values = distributed.all_reduce_sum(packed).tolist()  # the step's one host sync
+        if stop is not None:
+            stop.agree(values[1:])
+        if math.isfinite(values[0]):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
