@@ -10,45 +10,19 @@ import math
 
 import pytest
 import torch
-from masking_cases import HAND_KEEP_TABLE, boundary_gap
+from masking_cases import (
+    HAND_KEEP_TABLE,
+    assert_fused_matches_independent_reference,
+    assert_same_selection,
+    bad_cases,
+    make_ratios,
+    make_scores,
+)
 
 from amgsn import ops
 from amgsn.ops import reference as ref
 
 SHAPES = [(1, 49), (3, 196), (3, 197), (64, 49), (1, 784), (64, 196)]
-
-
-def _ratios(kind: str, B: int, gen: torch.Generator):
-    if kind == "float":
-        return float(torch.rand((), generator=gen)) * 0.9
-    if kind == "zero":
-        return 0.0
-    if kind == "one":
-        return 1.0
-    r = torch.rand(B, generator=gen)
-    r[0] = 0.0  # both edges in one batch
-    if B > 1:
-        r[-1] = 1.0
-    return r
-
-
-def _scores(kind: str, B: int, N: int, gen: torch.Generator) -> torch.Tensor:
-    s = torch.rand(B, N, generator=gen)
-    if kind == "ties":
-        s = torch.round(s * 2) / 2  # three distinct values
-    elif kind == "equal":
-        s = torch.zeros(B, N)
-        s[:, ::2] = -0.0  # +0.0 and -0.0 must tie
-    return s
-
-
-def assert_same_selection(got: ref.MaskSelection, want: ref.MaskSelection) -> None:
-    assert got.ids_keep.dtype == torch.int64 and got.cu_seqlens.dtype == torch.int32
-    assert got.mask.dtype == torch.bool
-    assert torch.equal(got.cu_seqlens, want.cu_seqlens)
-    assert torch.equal(got.ids_keep, want.ids_keep)
-    assert torch.equal(got.mask, want.mask)
-    assert got.max_seqlen == want.max_seqlen
 
 
 @pytest.mark.parametrize("B,N", SHAPES)
@@ -57,8 +31,8 @@ def assert_same_selection(got: ref.MaskSelection, want: ref.MaskSelection) -> No
 @pytest.mark.parametrize("noise_kind", [None, "absolute", "relative"])
 def test_abmg_select_matches_reference(seed, B, N, ratio_kind, score_kind, noise_kind):
     gen = torch.Generator().manual_seed(seed)
-    scores = _scores(score_kind, B, N, gen)
-    ratio = _ratios(ratio_kind, B, gen)
+    scores = make_scores(score_kind, B, N, gen)
+    ratio = make_ratios(ratio_kind, B, gen)
     noise = None if noise_kind is None else torch.rand(B, N, generator=gen) * 0.5
     rel = noise_kind == "relative"
     got = ops.abmg_select(scores, ratio, noise, relative_noise=rel)
@@ -179,36 +153,6 @@ def test_gradcheck_float64(seed):
     assert torch.autograd.gradcheck(lambda t: ops.abmg_mask_and_gather(q, k, t, 0.5)[0], (x,))
 
 
-# fp32 scores of the ops vs the reference's (different summation order): measured <= 5e-8 absolute,
-# <= 1e-6 relative, over the shapes below.
-SCORE_ATOL, SCORE_RTOL = 1e-7, 2e-6
-
-
-def assert_fused_matches_independent_reference(q, k, x, ratio, noise, rel) -> int:
-    """The op against the reference composition (its own scores, argsort, gather): every image must
-    agree exactly — mask, ids and visible rows — unless its boundary pair is a genuine near-tie: a gap
-    in the reference's selection values within what the score tolerance allows (relative noise of at
-    most 0.5 times the range at most doubles a score error). Returns the number of exact images."""
-    visible, sel = ops.abmg_mask_and_gather(q, k, x, ratio, noise, relative_noise=rel)
-    ref_visible, ref_sel = ref.abmg_mask_and_gather(q, k, x, ratio, noise, rel)
-    assert torch.equal(sel.cu_seqlens, ref_sel.cu_seqlens) and sel.max_seqlen == ref_sel.max_seqlen
-    ref_scores = ref.cls_attention_scores(q, k)
-    torch.testing.assert_close(ops.cls_attention_scores(q, k), ref_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL)
-    tie_tol = 4 * (SCORE_ATOL + SCORE_RTOL * ref_scores.abs().max().item())
-    num_keep = (ref_sel.cu_seqlens[1:] - ref_sel.cu_seqlens[:-1]).long()
-    exact = boundary_gap(ref.selection_values(ref_scores, noise, rel), num_keep) > tie_tol
-    cu = sel.cu_seqlens.tolist()
-    for b in range(q.shape[0]):
-        if exact[b]:
-            assert torch.equal(sel.mask[b], ref_sel.mask[b]), f"image {b}: masks differ away from a near-tie"
-            assert torch.equal(sel.ids_keep[cu[b]:cu[b + 1]], ref_sel.ids_keep[cu[b]:cu[b + 1]])
-            assert torch.equal(visible[cu[b]:cu[b + 1]], ref_visible[cu[b]:cu[b + 1]])
-        else:  # still a valid selection of the right size
-            assert int((~sel.mask[b]).sum()) == int(num_keep[b])
-    assert torch.equal(visible, ref.gather_visible(x, sel.ids_keep, sel.cu_seqlens))
-    return int(exact.sum())
-
-
 @pytest.mark.parametrize("B,H,N,d,D", [(1, 1, 49, 8, 1), (3, 12, 196, 64, 192), (64, 3, 197, 16, 24)])
 @pytest.mark.parametrize("noise_kind", [None, "absolute", "relative"])
 def test_fused_matches_reference(seed, B, H, N, d, D, noise_kind):
@@ -281,60 +225,9 @@ def test_opcheck_custom_ops():
 # ---------------------------------------------------------------------------------------------
 
 
-def _bad_cases(device: str):
-    B, N, D = 2, 9, 4
-    kw = {"device": device}
-    s = torch.rand(B, N, **kw)
-    sel = ref.abmg_select(s, 0.5)
-    x = torch.randn(B, N, D, **kw)
-    y = torch.randn(int(sel.cu_seqlens[-1]), D, **kw)
-    tok = torch.zeros(D, **kw)
-    q, k = torch.randn(B, 2, 4, **kw), torch.randn(B, 2, N + 1, 4, **kw)
-    ids, cu = sel.ids_keep, sel.cu_seqlens
-    bad_ids = ids.clone()
-    bad_ids[0] = N
-    neg_ids = ids.clone()
-    neg_ids[-1] = -1
-    dup_ids = ids.clone()
-    dup_ids[1] = dup_ids[0]
-    bad_cu = cu.clone()
-    bad_cu[-1] += 1
-    return [
-        ("mask_ratio", lambda: ops.abmg_select(s, 1.5)),
-        ("mask_ratio", lambda: ops.abmg_select(s, -0.1)),
-        ("mask_ratio", lambda: ops.abmg_select(s, float("nan"))),
-        ("mask_ratio", lambda: ops.abmg_select(s, torch.tensor([0.5, float("nan")], **kw))),
-        ("mask_ratio", lambda: ops.abmg_select(s, torch.tensor([0.5, 1.01], **kw))),
-        ("mask_ratio", lambda: ops.abmg_select(s, torch.tensor([0.5, 0.5, 0.5], **kw))),
-        ("scores", lambda: ops.abmg_select(s[0], 0.5)),
-        ("scores", lambda: ops.abmg_select(s.long(), 0.5)),
-        ("noise", lambda: ops.abmg_select(s, 0.5, torch.rand(B, N + 1, **kw))),
-        ("x", lambda: ops.gather_visible(x.long(), ids, cu)),
-        ("x", lambda: ops.gather_visible(x[0], ids, cu)),
-        ("ids_keep", lambda: ops.gather_visible(x, ids.int(), cu)),
-        ("ids_keep", lambda: ops.gather_visible(x, bad_ids, cu)),
-        ("ids_keep", lambda: ops.gather_visible(x, neg_ids, cu)),
-        ("cu_seqlens", lambda: ops.gather_visible(x, ids, cu.long())),
-        ("cu_seqlens", lambda: ops.gather_visible(x, ids, bad_cu)),
-        ("cu_seqlens", lambda: ops.gather_visible(x, ids, cu[:-1])),
-        ("cu_seqlens", lambda: ops.gather_visible(x[:1], ids, cu)),
-        ("mask_token", lambda: ops.scatter_visible(y, ids, cu, torch.zeros(D + 1, **kw), N)),
-        ("ids_keep", lambda: ops.scatter_visible(y, dup_ids, cu, tok, N)),
-        ("ids_keep", lambda: ops.scatter_visible(y[:-1], ids, cu, tok, N)),
-        ("y", lambda: ops.scatter_visible(y.int(), ids, cu, tok, N)),
-        ("N", lambda: ops.scatter_visible(y, ids, cu, tok, 0)),
-        ("ids_keep", lambda: ops.scatter_visible(y, ids, cu, tok, 5)),
-        ("k", lambda: ops.cls_attention_scores(q, k[:, :1])),
-        ("k", lambda: ops.cls_attention_scores(q, k[..., :3])),
-        ("q_cls", lambda: ops.cls_attention_scores(q[0], k)),
-        ("x", lambda: ops.abmg_mask_and_gather(q, k, x[:, :-1], 0.5)),
-        ("mask_ratio", lambda: ops.abmg_mask_and_gather(q, k, x, 2.0)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(len(_bad_cases("cpu"))))
+@pytest.mark.parametrize("case", range(len(bad_cases("cpu"))))
 def test_bad_input_names_argument(case):
-    name, call = _bad_cases("cpu")[case]
+    name, call = bad_cases("cpu")[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
 
@@ -362,8 +255,8 @@ def test_mixed_devices_rejected():
 @pytest.mark.parametrize("noise_kind", [None, "absolute", "relative"])
 def test_cuda_select_matches_reference(seed, B, N, score_kind, noise_kind):
     gen = torch.Generator().manual_seed(seed)
-    scores = _scores(score_kind, B, N, gen).cuda()
-    ratio = _ratios("per_image", B, gen).cuda()
+    scores = make_scores(score_kind, B, N, gen).cuda()
+    ratio = make_ratios("per_image", B, gen).cuda()
     noise = None if noise_kind is None else (torch.rand(B, N, generator=gen) * 0.5).cuda()
     rel = noise_kind == "relative"
     assert_same_selection(ops.abmg_select(scores, ratio, noise, relative_noise=rel),
@@ -395,8 +288,8 @@ def test_cuda_fused_and_copies(seed, dtype, B, H, N, d, D):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", range(len(_bad_cases("cpu"))))
+@pytest.mark.parametrize("case", range(len(bad_cases("cpu"))))
 def test_cuda_bad_input_names_argument(case):
-    name, call = _bad_cases("cuda")[case]
+    name, call = bad_cases("cuda")[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()

@@ -108,7 +108,7 @@ def _ratio_plan(
         raise ValueError(f"mask_ratio must lie in [0, 1], got {mask_ratio}")
     keep = min(num_patches, max(1, math.floor((1.0 - r) * num_patches + 1e-4)))
     num_keep = torch.full((batch,), keep, dtype=torch.int64, device=device)
-    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * keep
+    cu_seqlens = torch.arange(0, (batch + 1) * keep, keep, dtype=torch.int32, device=device)
     return num_keep, cu_seqlens, batch * keep, keep
 
 
@@ -444,11 +444,14 @@ def _fused_fake(q_cls, k, x, num_keep, cu_seqlens, total, noise, relative_noise)
 
 def _fused_setup(ctx, inputs, output):
     x, cu_seqlens = inputs[2], inputs[4]
+    ctx.set_materialize_grads(False)  # ids_keep / mask get no gradient: no zero tensors for them
     ctx.save_for_backward(output[1], cu_seqlens)
     ctx.N = x.shape[1]
 
 
 def _fused_backward(ctx, grad_visible, grad_ids, grad_mask):
+    if grad_visible is None:
+        return None, None, None, None, None, None, None, None
     ids_keep, cu_seqlens = ctx.saved_tensors
     grad_x = _scatter_zero_token(grad_visible, ids_keep, cu_seqlens, ctx.N)
     return None, None, grad_x, None, None, None, None, None
