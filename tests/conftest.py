@@ -19,6 +19,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def triton_interpreter_on() -> bool:
+    """Whether amgsn's Triton kernels are the interpreter's (TRITON_INTERPRET=1 at their import)."""
+    from amgsn.kernels import abmg, gather
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return any(isinstance(k, InterpretedFunction) for k in (abmg._fused_kernel, gather._gather_kernel))
+
+
+def require_compiled_kernels(item) -> None:
+    """A `cuda` test must exercise the compiled kernels: under the interpreter it would silently re-test
+    the interpreter on GPU tensors (benchmarks/_gpu_env.sh sets TRITON_INTERPRET=0 for them)."""
+    if "cuda" in item.keywords and triton_interpreter_on():
+        pytest.fail("a cuda-marked test ran with the Triton interpreter on: run it with TRITON_INTERPRET=0")
+
+
+def pytest_runtest_setup(item):
+    if torch.cuda.is_available():  # elsewhere the cuda tests are skipped (above)
+        require_compiled_kernels(item)
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test (printed on failure through the test id's fixture value)."""

@@ -426,6 +426,19 @@ def test_fused_grouped_keys_heavy_ties(seed):
         assert torch.equal(visible, R.gather_visible(x, ids, cu))
 
 
+def test_cuda_tests_fail_under_the_interpreter():
+    # conftest's guard: this session runs the interpreter, so a cuda-marked test must fail, not pass.
+    import conftest
+
+    class Item:
+        keywords = {"cuda": True}
+
+    assert conftest.triton_interpreter_on()
+    with pytest.raises(pytest.fail.Exception, match="TRITON_INTERPRET=0"):
+        conftest.require_compiled_kernels(Item())
+    conftest.require_compiled_kernels(type("Plain", (), {"keywords": {}})())  # other tests are not affected
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (run by benchmarks/gpu_check.sh): same comparisons in bf16/fp16/fp32, and the benchmark shape
 # --------------------------------------------------------------------------------------------
@@ -433,18 +446,7 @@ def test_fused_grouped_keys_heavy_ties(seed):
 _CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def _require_compiled_kernels() -> None:
-    # conftest defaults TRITON_INTERPRET=1; on the GPU machine the CUDA tests must run the compiled
-    # kernels (TRITON_INTERPRET=0 in the environment), else they would only re-test the interpreter.
-    from amgsn.kernels import abmg
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(abmg._fused_kernel, InterpretedFunction):
-        pytest.fail("CUDA kernel tests ran under the Triton interpreter: run them with TRITON_INTERPRET=0")
-
-
 def _cuda_case(B, H, N, d, D, dtype, ratio, noise_mode, seed):
-    _require_compiled_kernels()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q_cls, k = _qk(B, H, N, d, dtype, "cuda")
     x = _noncontig_rows(B, N, D, dtype, "cuda")
