@@ -220,6 +220,34 @@ def test_gradcheck_float64(seed):
     assert torch.autograd.gradgradcheck(fn, (f,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_double_backward_matches_float64_reference(seed, dtype):
+    # gradgradcheck differentiates the op's own double-backward path twice, so it cannot see a wrong
+    # factor shared by both; here the gradient (create_graph) and its derivative are compared with
+    # the reference's in float64. Non-uniform weights and an upstream gradient != 1 make every
+    # factor (w[y_i], 1/Σw, grad_out) visible.
+    gen = torch.Generator().manual_seed(seed)
+    f, y, c, w = _inputs(11, 6, 4, gen, dtype)
+    v = torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    outer = 1.7
+
+    def grads(loss_fn, x):
+        x = x.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(x, y, c, w) * outer, x, create_graph=True)
+        (gg,) = torch.autograd.grad((g.double() * v).sum(), x)
+        return g.detach().double(), gg.double()
+
+    g, gg = grads(debiased_center_loss, f)
+    g_ref, gg_ref = grads(ref.debiased_center_loss, f.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gg, gg_ref, rtol=tol, atol=tol)
+    # the closed form: dL/df_i = w[y_i] (f_i - c[y_i]) / Σ_j w[y_j]; its derivative along v is linear
+    wy = w.double()[y]
+    torch.testing.assert_close(g_ref, outer * wy[:, None] * (f.double() - c.double()[y]) / wy.sum())
+    torch.testing.assert_close(gg_ref, outer * wy[:, None] * v / wy.sum())
+
+
 def test_centers_and_weights_get_no_gradient(seed):
     gen = torch.Generator().manual_seed(seed)
     f, y, c, w = _inputs(9, 7, 4, gen)
