@@ -49,6 +49,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+_INIT_HELP = ("pre-trained weights: an MAE checkpoint (mae_pretrain_vit_*.pth / mae_visualize_vit_*.pth), an `amgsn "
+              "pretrain` checkpoint, timm weights (.safetensors/.pth), timm:<name.tag> (e.g. "
+              "timm:vit_base_patch16_224.mae) or hf-hub:<org>/<repo> (Hugging Face cache; HF_HOME and "
+              "HF_HUB_OFFLINE=1 apply). Sizes not given come from the weights; a different image / patch size "
+              "resamples them (docs/method.md#starting-from-pre-trained-weights)")
+
+
+def _add_init_and_size(p: argparse.ArgumentParser) -> None:
+    """--init and the encoder size of pretrain / finetune: sizes not given come from --init's weights."""
+    p.add_argument("--init", default=None, help=_INIT_HELP + "; default: from scratch")
+    p.add_argument("--model", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+                   help="default: the --init weights' size, else vit_tiny")
+    p.add_argument("--img-size", type=int, default=None, help="default: --init's, else 112")
+    p.add_argument("--patch-size", type=int, default=None, help="default: --init's, else 8")
+    p.add_argument("--depth", type=int, default=None, help="encoder depth (default: --init's, else the size's)")
+
+
 @command
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="MAE pre-training with ABMG masks and MRUS ratios (DESIGN §4.1-4.2)",
@@ -56,11 +73,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--dataset", default="synthetic", help="rafdb | affectnet | fer2013 | ferplus | folder | synthetic")
     p.add_argument("--data-dir", required=True, help="root folder of the data set")
     p.add_argument("--out", required=True, help="output folder (config, log.jsonl, checkpoints, mask gallery)")
-    p.add_argument("--model", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base"])
-    p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--depth", type=int, default=None, help="encoder depth override (default: the size's)")
-    p.add_argument("--decoder-depth", type=int, default=None)
+    _add_init_and_size(p)
+    p.add_argument("--decoder-depth", type=int, default=None, help="default: --init's decoder, else the size's")
     p.add_argument("--mask-mode", default="abmg_mrus", choices=["random", "abmg", "abmg_mrus"])
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fixed ratio; initial ratio r0 for abmg_mrus")
     p.add_argument("--ratio-min", type=float, default=0.5)
@@ -240,6 +254,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (data, stages, report.html)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--data-dir", default=None, help="synthetic set location (default OUT/data)")
+    p.add_argument("--init", default=None, help="pre-trained weights for the pre-training stage (and so for "
+                   "fine-tuning), any `amgsn pretrain --init` SPEC, e.g. timm:vit_tiny_patch16_224.augreg_in21k; "
+                   "the model size comes from them, depth / image / patch sizes stay the preset's. Default: none "
+                   "(offline, from scratch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -252,7 +270,7 @@ def _run_demo(args) -> int:
 
     try:
         demo(DemoConfig(out=args.out, quick=args.quick, data_dir=args.data_dir, seed=args.seed,
-                        workers=args.workers, device=args.device, progress=args.progress))
+                        workers=args.workers, device=args.device, progress=args.progress, init=args.init))
     except _USER_ERRORS as e:
         return _fail("demo", e)
     return 0
@@ -282,13 +300,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--dataset", default="synthetic", help="rafdb | affectnet | fer2013 | ferplus | folder | synthetic")
     p.add_argument("--data-dir", required=True, help="root folder of the data set (its train split is used)")
     p.add_argument("--out", required=True, help="output folder (config, log.jsonl, checkpoints)")
-    p.add_argument("--init", default=None, help="an `amgsn pretrain` checkpoint or timm weights (.safetensors/.pth); "
-                   "default: from scratch")
-    p.add_argument("--model", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
-                   help="default: the --init weights' size, else vit_tiny")
-    p.add_argument("--img-size", type=int, default=None, help="default: --init's, else 112")
-    p.add_argument("--patch-size", type=int, default=None, help="default: --init's, else 8")
-    p.add_argument("--depth", type=int, default=None, help="encoder depth override (default: the size's / --init's)")
+    _add_init_and_size(p)
     p.add_argument("--global-pool", default="avg", choices=["avg", "token"])
     p.add_argument("--num-classes", type=int, default=None, help="AffectNet / FERPlus: 7 or 8")
     p.add_argument("--classes", default=None, help="folder data sets: comma-separated class names, or a data set "

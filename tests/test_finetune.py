@@ -163,10 +163,10 @@ def test_init_from_pretrain_and_timm_weights_and_errors(run, tiny_synthetic, tmp
                              depth=None), 7)
     assert (model.img_size, model.patch_size, model.depth) == (32, 8, 2)
     assert torch.equal(model.vit.blocks[1].attn.qkv.weight, mae.state_dict()["blocks.1.attn.qkv.weight"])
-    # an explicitly requested size must match the checkpoint's
-    with pytest.raises(ValueError, match="patch_size"):
-        build_model(_cfg(tiny_synthetic, tmp_path, init=str(pre), patch_size=4, img_size=None), 7)
-    with pytest.raises(ValueError, match="model"):
+    # another patch size is fitted (the patch embedding resampled); another width cannot be
+    model = build_model(_cfg(tiny_synthetic, tmp_path, init=str(pre), patch_size=4, img_size=None), 7)
+    assert (model.img_size, model.patch_size) == (32, 4) and "patch_embed.proj.weight" in model.init_report.resampled
+    with pytest.raises(ValueError, match=r"--model vit_small needs cls_token \(1, 1, 384\)"):
         build_model(_cfg(tiny_synthetic, tmp_path, init=str(pre), model="vit_small"), 7)
     # a fine-tuning checkpoint is not an --init
     out, _ = run

@@ -445,19 +445,34 @@ def test_pretrain_checkpoint_mismatch_errors():
     clf = tiny_classifier()
     with pytest.raises(ValueError, match="kind is 'finetune'"):
         clf.load_pretrain_checkpoint({**pretrain_state(mae), "kind": "finetune"})
-    with pytest.raises(ValueError, match="model: pretrain checkpoint args has 'vit_small'"):
-        clf.load_pretrain_checkpoint(pretrain_state(mae, model="vit_small"))
     small = ViTClassifier("vit_small", 7, img_size=IMG, patch_size=PATCH, depth=DEPTH)
-    with pytest.raises(ValueError, match="weights has 'vit_tiny', classifier has 'vit_small'"):
-        small.load_pretrain_checkpoint({**pretrain_state(mae), "args": {}})
-    with pytest.raises(ValueError, match="patch_size"):
-        tiny_classifier(patch_size=16).load_pretrain_checkpoint(pretrain_state(mae))
-    with pytest.raises(ValueError, match="depth"):
-        tiny_classifier(depth=3).load_pretrain_checkpoint(pretrain_state(mae))
-    with pytest.raises(ValueError, match="img_size"):
-        ViTClassifier.from_pretrain_checkpoint(pretrain_state(mae), num_classes=7, img_size=64)
+    with pytest.raises(ValueError, match=r"holds a vit_tiny encoder \(cls_token \(1, 1, 192\)\); --model vit_small "
+                                         r"needs cls_token \(1, 1, 384\)"):
+        small.load_pretrain_checkpoint(pretrain_state(mae))
+    with pytest.raises(ValueError, match="model"):
+        ViTClassifier.from_pretrain_checkpoint(pretrain_state(mae), num_classes=7, model="vit_base")
     with pytest.raises(TypeError, match="state"):
         clf.load_pretrain_checkpoint(["not", "a", "dict"])
+
+
+def test_pretrain_checkpoint_into_another_patch_size_image_size_and_depth():
+    """Sizes that differ from the checkpoint's are fitted (and named in the report), not refused: the
+    patch embedding resampled by timm, the sin-cos table recomputed, a missing block initialised."""
+    from timm.layers import resample_patch_embed
+
+    mae = tiny_mae()
+    clf = tiny_classifier(patch_size=16)
+    report = clf.load_pretrain_checkpoint(pretrain_state(mae))
+    w = mae.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(clf.vit.patch_embed.proj.weight, resample_patch_embed(w, [16, 16]))
+    assert torch.equal(clf.vit.pos_embed[0], sincos_2d(192, IMG // 16, cls_token=True))
+    assert set(report.resampled) == {"pos_embed", "patch_embed.proj.weight"}
+    deeper = tiny_classifier(depth=DEPTH + 1)
+    report = deeper.load_pretrain_checkpoint(pretrain_state(mae))
+    assert {k for k in report.kept_init if k.startswith("blocks.")} == {
+        k for k in deeper.vit.state_dict() if k.startswith(f"blocks.{DEPTH}.")}
+    clf = ViTClassifier.from_pretrain_checkpoint(pretrain_state(mae), num_classes=7, img_size=64)
+    assert clf.img_size == 64 and clf.patch_size == PATCH and clf.vit.pos_embed.shape == (1, 1 + 64, 192)
 
 
 def test_from_timm_weights_file(tmp_path, seed):
@@ -474,8 +489,8 @@ def test_from_timm_weights_file(tmp_path, seed):
     torch.save({"model": vit.state_dict()}, tmp_path / "w.pth")
     clf3 = ViTClassifier.from_timm_weights(tmp_path / "w.pth", num_classes=3, global_pool="token")
     torch.testing.assert_close(clf3.vit.blocks[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
-    with pytest.raises(ValueError, match="patch_size"):
-        ViTClassifier.from_timm_weights(path, num_classes=7, patch_size=4)
+    with pytest.raises(ValueError, match=r"vit_small needs cls_token \(1, 1, 384\)"):
+        ViTClassifier.from_timm_weights(path, num_classes=7, model="vit_small")
     with pytest.raises(ValueError, match="not found"):
         ViTClassifier.from_timm_weights(tmp_path / "missing.safetensors", num_classes=7)
 

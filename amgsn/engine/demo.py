@@ -38,6 +38,7 @@ class DemoConfig:
     workers: int = 2
     device: str = "auto"
     progress: bool = True
+    init: str | None = None  # pre-trained weights for pre-training (any PretrainConfig.init SPEC)
 
 
 def demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -64,9 +65,12 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     times["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _stage("2/5 pre-training", f"MAE + ABMG + MRUS, vit_tiny x{p['depth']} blocks, {p['pretrain_epochs']} epochs")
+    start = f", from {cfg.init}" if cfg.init else ""
+    size = "" if cfg.init else "vit_tiny "
+    _stage("2/5 pre-training", f"MAE + ABMG + MRUS, {size}x{p['depth']} blocks, {p['pretrain_epochs']} epochs{start}")
     pre = pretrain(PretrainConfig(
-        data_dir=str(data), out=str(out / "pretrain"), dataset="synthetic", model="vit_tiny",
+        data_dir=str(data), out=str(out / "pretrain"), dataset="synthetic", init=cfg.init,
+        model=None if cfg.init else "vit_tiny",
         img_size=p["image_size"], patch_size=p["patch_size"], depth=p["depth"], decoder_depth=p["decoder_depth"],
         mask_mode="abmg_mrus", epochs=p["pretrain_epochs"], batch_size=p["batch_size"], warmup_epochs=1,
         abmg_warmup=1, seed=cfg.seed, workers=cfg.workers, device=cfg.device, progress=cfg.progress,

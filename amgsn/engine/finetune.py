@@ -46,15 +46,12 @@ from amgsn.engine.common import (
 from amgsn.engine.inference import predict_dataset, prediction_loader
 from amgsn.metrics import classification_metrics, confusion_matrix
 from amgsn.models import ViTClassifier
-from amgsn.safe_load import safe_torch_load
+from amgsn.models.sizes import DEFAULT_SIZE
 
 WEIGHTINGS = ("inverse", "effective", "none")
 # MAE's RandAugment policy, with the magnitude capped at 9: at magnitude 10 timm's "increasing"
 # posterize asks Pillow for 0 bits, which Pillow >= 11 rejects (a crash on ~0.15 % of images).
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
-DEFAULT_SIZE = {"model": "vit_tiny", "img_size": 112, "patch_size": 8}
-"""Encoder size of a from-scratch run when none is given (the demo's); with ``--init`` the size
-comes from the weights."""
 
 
 @dataclass
@@ -62,7 +59,9 @@ class FinetuneConfig:
     """Every knob of a fine-tuning run (the CLI flags map 1:1; see ``amgsn finetune --help``).
 
     ``model`` / ``img_size`` / ``patch_size`` / ``depth`` left at None mean "whatever ``init``
-    holds" (or :data:`DEFAULT_SIZE` from scratch); given explicitly they must match ``init``.
+    holds" (or :data:`~amgsn.models.sizes.DEFAULT_SIZE` from scratch); given explicitly, ``init``'s
+    weights are fitted to them (position / patch embeddings resampled, surplus blocks ignored,
+    missing ones initialised); another width is an error.
     """
 
     data_dir: str
@@ -225,30 +224,21 @@ def _requested_size(cfg: FinetuneConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("model", "img_size", "patch_size", "depth") if getattr(cfg, k) is not None}
 
 
-def _read_init(path: str) -> Any:
-    """The object in an ``--init`` file: a checkpoint dict, a state dict, or None for safetensors."""
-    if path.endswith(".safetensors"):
-        return None
-    return safe_torch_load(path, what="--init file")
-
-
 def build_model(cfg: FinetuneConfig, num_classes: int) -> ViTClassifier:
-    """The classifier, from scratch or initialised from ``cfg.init`` (an ``amgsn pretrain``
-    checkpoint, or a timm-format weights file). ValueError on a wrong kind or size."""
+    """The classifier, from scratch or initialised from ``cfg.init`` (anything
+    :func:`amgsn.models.pretrained.read_init` reads: an ``amgsn pretrain`` checkpoint, an MAE
+    checkpoint, timm weights, ``timm:<name.tag>``, ``hf-hub:<repo>``); the load summary is printed on
+    rank 0. ValueError on a wrong kind or an irreconcilable size."""
     common = {"global_pool": cfg.global_pool, "drop_path_rate": cfg.drop_path, "proj_dim": cfg.proj_dim}
     size = _requested_size(cfg)
     if cfg.init is None:
         size = {**DEFAULT_SIZE, **size}
         name = size.pop("model")
         return ViTClassifier(name, num_classes, **size, **common)
-    obj = _read_init(cfg.init)
-    if isinstance(obj, dict) and "kind" in obj:
-        if obj["kind"] != "pretrain":
-            hint = " (continue a fine-tuning run with --resume)" if obj["kind"] == "finetune" else ""
-            raise ValueError(f"--init {cfg.init} is a {obj['kind']!r} checkpoint; --init takes an `amgsn pretrain` "
-                             f"checkpoint or a timm weights file{hint}")
-        return ViTClassifier.from_pretrain_checkpoint(obj, num_classes, **size, **common)
-    return ViTClassifier.from_timm_weights(cfg.init, num_classes, **size, **common)
+    model = ViTClassifier.from_init(cfg.init, num_classes, **size, **common, in_chans=3)  # the loaders give RGB
+    if distributed.info().is_main:
+        print(model.init_report.summary(), flush=True)
+    return model
 
 
 class _TrainForward(nn.Module):

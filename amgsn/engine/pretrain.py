@@ -34,6 +34,7 @@ from amgsn.engine.common import (
 )
 from amgsn.masking import MaskingPolicy, RatioBank
 from amgsn.models import MaskedAutoencoderViT
+from amgsn.models.sizes import DEFAULT_SIZE
 from amgsn.ops import abmg_select, cls_attention_scores
 
 
@@ -44,9 +45,13 @@ class PretrainConfig:
     data_dir: str
     out: str
     dataset: str = "synthetic"
-    model: str = "vit_tiny"
-    img_size: int = 112
-    patch_size: int = 8
+    # Pre-trained weights (amgsn.models.pretrained.read_init): a file, timm:<name.tag> or hf-hub:<repo>.
+    # model / img_size / patch_size / depth / decoder_depth left at None come from them (from scratch:
+    # amgsn.models.sizes.DEFAULT_SIZE); given, the weights are fitted to them (resampled).
+    init: str | None = None
+    model: str | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
     depth: int | None = None
     decoder_depth: int | None = None
     mask_mode: str = "abmg_mrus"
@@ -80,7 +85,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
@@ -88,9 +93,20 @@ class PretrainConfig:
             raise ValueError(f"--mask-ratio must lie in [0, 1], got {self.mask_ratio}")
 
 
-def _build_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
-                                decoder_depth=cfg.decoder_depth)
+def _build_model(cfg: PretrainConfig) -> tuple[MaskedAutoencoderViT, PretrainConfig]:
+    """The MAE (from scratch, or from ``cfg.init``: its load summary printed on rank 0) and ``cfg`` with
+    the sizes it was built with (those left at None filled in)."""
+    size = {k: getattr(cfg, k) for k in ("model", "img_size", "patch_size", "depth", "decoder_depth")}
+    if cfg.init is None:
+        model = MaskedAutoencoderViT(**{**DEFAULT_SIZE, **{k: v for k, v in size.items() if v is not None}})
+    else:
+        model = MaskedAutoencoderViT.from_init(cfg.init, **size, in_chans=3)  # the loaders give RGB
+        if distributed.info().is_main:
+            print(model.init_report.summary(), flush=True)
+    c = model.config
+    return model, dataclasses.replace(cfg, model=c["model"], img_size=c["img_size"], patch_size=c["patch_size"],
+                                      depth=c["depth"], decoder_depth=c["decoder_depth"])
+
 
 
 def _load_train_set(cfg: PretrainConfig):
@@ -163,8 +179,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     ckpt.seed_everything(cfg.seed + dist.rank)
 
+    model, cfg = _build_model(cfg)  # cfg: with the sizes the model has (from --init where not given)
+    model = model.to(device)
     dataset = _load_train_set(cfg)
-    model = _build_model(cfg).to(device)
     policy = MaskingPolicy(cfg.mask_mode, epochs=cfg.epochs, warmup_epochs=cfg.abmg_warmup, sigma=cfg.sigma,
                            impl=cfg.impl, teacher=cfg.teacher, ema_decay=cfg.ema)
     bank = RatioBank(len(dataset), r0=cfg.mask_ratio, eta=cfg.eta, r_min=min(cfg.ratio_min, cfg.mask_ratio),

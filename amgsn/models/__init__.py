@@ -1,13 +1,16 @@
 """Models: the MAE with a packed variable-length encoder, the ViT classifier, attention backends."""
 
 from amgsn.models.attention import BACKENDS, PackedLayout, resolve_backend, varlen_attention
-from amgsn.models.classifier import ViTClassifier, infer_vit_config
+from amgsn.models.classifier import ViTClassifier
 from amgsn.models.pos_embed import sincos_2d
+from amgsn.models.pretrained import InitWeights, LoadReport, infer_vit_config, read_init
 from amgsn.models.sizes import VIT_SIZES, get_size, timm_vit_spec
 from amgsn.models.vit_mae import MAEOutput, MaskedAutoencoderViT
 
 __all__ = [
     "BACKENDS",
+    "InitWeights",
+    "LoadReport",
     "MAEOutput",
     "MaskedAutoencoderViT",
     "PackedLayout",
@@ -15,6 +18,7 @@ __all__ = [
     "ViTClassifier",
     "get_size",
     "infer_vit_config",
+    "read_init",
     "resolve_backend",
     "sincos_2d",
     "timm_vit_spec",

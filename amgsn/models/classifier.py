@@ -2,8 +2,9 @@
 
 The ViT is built with ``timm.create_model`` so that its state dict *is* a timm state dict: the
 export is ``self.vit.state_dict()`` and :meth:`ViTClassifier.timm_spec` says how to rebuild it.
-Weights come from an ``amgsn pretrain`` checkpoint (the MAE encoder), a timm-format file, or
-nothing (from scratch). Sizes are never interpolated: a mismatch is an error that names it.
+Weights come from anything :mod:`amgsn.models.pretrained` reads (an ``amgsn pretrain`` checkpoint,
+an MAE checkpoint, timm weights, ``timm:`` / ``hf-hub:``), or nothing (from scratch); the mapping
+(resampling to another image / patch size, heads of another class count) lives there.
 """
 
 from __future__ import annotations
@@ -18,69 +19,11 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from amgsn.models.sizes import VIT_SIZES, get_size, timm_vit_spec
+from amgsn.models.pretrained import InitWeights, LoadReport, load_init, read_init, resolve_size
+from amgsn.models.sizes import get_size, timm_vit_spec
 from amgsn.ops._checks import check_tensor
-from amgsn.safe_load import safe_torch_load
 
 POOLS = ("avg", "token")
-# Prefixes wrappers add to state-dict keys: DistributedDataParallel, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def infer_vit_config(state: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, Any]:
-    """Read the encoder configuration off a ViT/MAE state dict (timm names).
-
-    Returns ``{"model", "img_size", "patch_size", "depth", "in_chans"}``. ValueError naming
-    ``source`` when a key is missing or the width matches no known size.
-    """
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if key not in state:
-            raise ValueError(f"{source} has no '{key}': not a ViT encoder state dict")
-    width = int(state["cls_token"].shape[-1])
-    names = [n for n, s in VIT_SIZES.items() if s.embed_dim == width]
-    if not names:
-        raise ValueError(f"{source} has width {width}, which matches no size in {sorted(VIT_SIZES)}")
-    proj = state["patch_embed.proj.weight"]  # (D, C, p, p)
-    patch_size = int(proj.shape[-1])
-    num_patches = int(state["pos_embed"].shape[1]) - 1
-    grid = round(num_patches**0.5)
-    if grid * grid != num_patches:
-        raise ValueError(f"{source} has {num_patches} position embeddings (+CLS), not a square grid")
-    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
-    return {"model": names[0], "img_size": grid * patch_size, "patch_size": patch_size,
-            "depth": depth, "in_chans": int(proj.shape[1])}
-
-
-def _final_norm_key(global_pool: str) -> str:
-    # timm moves the final norm after the pooling ("fc_norm") for average pooling.
-    return "fc_norm" if global_pool == "avg" else "norm"
-
-
-def _encoder_only(state: Mapping[str, torch.Tensor], global_pool: str) -> dict[str, torch.Tensor]:
-    """The encoder keys of a timm or MAE state dict, the final norm renamed for ``global_pool``."""
-    target = _final_norm_key(global_pool)
-    out = {}
-    for key, value in state.items():
-        head = key.split(".", 1)[0]
-        if head in ("cls_token", "pos_embed", "patch_embed", "blocks"):
-            out[key] = value
-        elif head in ("norm", "fc_norm"):
-            out[target + key[len(head):]] = value
-    return out
-
 
 class ViTClassifier(nn.Module):
     """timm ViT + a 2-layer projection head (D -> D -> ``proj_dim``, L2-normalised) for SupCon.
@@ -175,29 +118,34 @@ class ViTClassifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"vit.pos_embed", "vit.cls_token"}
 
-    def _check_config(self, found: Mapping[str, Any], source: str) -> None:
-        ours = {"model": self.model_name, "img_size": self.img_size, "patch_size": self.patch_size,
-                "depth": self.depth, "in_chans": self.in_chans}
-        bad = [f"{k}: {source} has {found[k]!r}, classifier has {ours[k]!r}"
-               for k in ours if k in found and found[k] is not None and found[k] != ours[k]]
-        if bad:
-            raise ValueError(f"{source} does not match this classifier — " + "; ".join(bad))
+    def describe(self) -> str:
+        """``vit_tiny classifier (64 px, 8-px patches, 6 blocks)``: the target in load summaries."""
+        return f"{self.model_name} classifier ({self.img_size} px, {self.patch_size}-px patches, {self.depth} blocks)"
 
-    def _load_encoder(self, encoder: dict[str, torch.Tensor], source: str, with_head: bool) -> None:
-        result = self.vit.load_state_dict(encoder, strict=False)
-        allowed = set() if with_head else {"head.weight", "head.bias"}
-        missing = set(result.missing_keys) - allowed
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{source} does not fit the {self.model_name} encoder: missing "
-                             f"{sorted(missing)}, unexpected {sorted(result.unexpected_keys)}")
+    def load_init(self, init: InitWeights) -> LoadReport:
+        """Load pre-trained weights (see :func:`amgsn.models.pretrained.read_init`) into the ViT.
 
-    def load_pretrain_checkpoint(self, state: Mapping[str, Any]) -> None:
+        The encoder loads, resampled to this image / patch size where they differ; the final norm
+        lands in ``fc_norm`` for average pooling (MAE's fine-tuning re-initialises it; we carry the
+        pre-trained affine over). The classifier head loads when the file has one of this class
+        count; otherwise it starts at MAE's fine-tuning init (weights N(0, 2e-5), zero bias) and the
+        report says so. ValueError when the width differs (a vit_small file into a vit_tiny)."""
+        resolve_size(init, {"model": self.model_name})
+        report = load_init(self.vit, init, target=self.describe())
+        if "head.weight" not in report.loaded:
+            with torch.no_grad():
+                trunc_normal_(self.vit.head.weight, std=2e-5)
+                nn.init.zeros_(self.vit.head.bias)
+            for key in ("head.weight", "head.bias"):
+                if key in report.kept_init:
+                    report.kept_init[key] = "MAE's fine-tuning init"
+        self.init_report = report
+        return report
+
+    def load_pretrain_checkpoint(self, state: Mapping[str, Any]) -> LoadReport:
         """Load the MAE encoder of an ``amgsn pretrain`` checkpoint dict
-        (``{"kind": "pretrain", "model": mae_state_dict, "args": {...}}``) into the ViT.
-
-        The head and the projection head keep their initialisation (head weights N(0, 2e-5) as
-        MAE's fine-tuning). The final norm lands in ``fc_norm`` for average pooling. ValueError on
-        a wrong ``kind`` or any size mismatch (model, img_size, patch_size, depth)."""
+        (``{"kind": "pretrain", "model": mae_state_dict, ...}``) into the ViT (:meth:`load_init`).
+        TypeError for a non-dict, ValueError for another ``kind`` or another width."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a checkpoint dict, got {type(state).__name__}")
         kind = state.get("kind")
@@ -205,86 +153,44 @@ class ViTClassifier(nn.Module):
             raise ValueError(
                 f"checkpoint kind is {kind!r}, expected 'pretrain' (an `amgsn pretrain` checkpoint)"
             )
-        if "model" not in state:
-            raise ValueError("pretrain checkpoint has no 'model' entry")
-        sd = _strip_prefixes(state["model"])
-        args = state.get("args") or {}
-        self._check_config({k: args.get(k) for k in ("model", "img_size", "patch_size")},
-                           "pretrain checkpoint args")
-        self._check_config(infer_vit_config(sd, "pretrain checkpoint weights"), "pretrain checkpoint weights")
-        self._load_encoder(_encoder_only(sd, self.global_pool), "pretrain checkpoint", with_head=False)
-        with torch.no_grad():
-            trunc_normal_(self.vit.head.weight, std=2e-5)
-            nn.init.zeros_(self.vit.head.bias)
+        return self.load_init(read_init(state, what="pretrain checkpoint"))
 
-    def load_timm_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
+    def load_timm_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> LoadReport:
         """Load a timm-format ViT state dict (a ``.safetensors`` / ``.pth`` / ``.bin`` file, or the
-        dict). The classifier head is loaded only if its shape matches ``num_classes``; the final
-        norm is moved between ``norm`` and ``fc_norm`` to fit this pooling. ValueError on a size
-        mismatch."""
-        name = str(source) if not isinstance(source, Mapping) else "timm weights"
-        sd = _strip_prefixes(_read_state_file(source) if not isinstance(source, Mapping) else source)
-        self._check_config(infer_vit_config(sd, name), name)
-        encoder = _encoder_only(sd, self.global_pool)
-        head_fits = all(k in sd and sd[k].shape == getattr(self.vit.head, k.split(".")[1]).shape
-                        for k in ("head.weight", "head.bias"))
-        if head_fits:
-            encoder.update({"head.weight": sd["head.weight"], "head.bias": sd["head.bias"]})
-        self._load_encoder(encoder, name, with_head=head_fits)
+        dict) with :meth:`load_init`."""
+        return self.load_init(read_init(source))
 
     # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_init(
+        cls, spec: str | os.PathLike | Mapping[str, Any] | InitWeights, num_classes: int, **kwargs: Any
+    ) -> ViTClassifier:
+        """A classifier initialised from ``spec`` (anything :func:`~amgsn.models.pretrained.read_init`
+        reads). ``model`` / ``img_size`` / ``patch_size`` / ``depth`` / ``in_chans`` in ``kwargs`` that
+        are None or absent come from the weights; given, the weights are fitted to them (another width is a
+        ValueError). Other ``kwargs``: constructor arguments (global_pool, drop_path_rate, proj_dim).
+        The load summary is ``model.init_report``."""
+        init = spec if isinstance(spec, InitWeights) else read_init(spec)
+        keys = ("model", "img_size", "patch_size", "depth", "in_chans")
+        size = resolve_size(init, {k: kwargs.pop(k, None) for k in keys})
+        model = cls(size["model"], num_classes, img_size=size["img_size"], patch_size=size["patch_size"],
+                    depth=size["depth"], in_chans=size["in_chans"], **kwargs)
+        model.load_init(init)
+        return model
 
     @classmethod
     def from_pretrain_checkpoint(
         cls, state: Mapping[str, Any], num_classes: int, **kwargs: Any
     ) -> ViTClassifier:
-        """A classifier of the checkpoint's size (model, img_size, patch_size, depth read from the
-        weights) initialised from its MAE encoder. ``kwargs``: other constructor arguments
-        (global_pool, drop_path_rate, proj_dim); a size given here must equal the checkpoint's."""
-        if not isinstance(state, Mapping) or "model" not in state:
+        """A classifier from an ``amgsn pretrain`` checkpoint dict (see :meth:`from_init`)."""
+        if not isinstance(state, Mapping) or state.get("kind") != "pretrain" or "model" not in state:
             raise ValueError("state must be an `amgsn pretrain` checkpoint dict with a 'model' entry")
-        found = infer_vit_config(_strip_prefixes(state["model"]), "pretrain checkpoint weights")
-        model = cls(**_merge_size(found, kwargs, "pretrain checkpoint"), num_classes=num_classes)
-        model.load_pretrain_checkpoint(state)
-        return model
+        return cls.from_init(state, num_classes, **kwargs)
 
     @classmethod
     def from_timm_weights(
         cls, source: str | os.PathLike | Mapping[str, torch.Tensor], num_classes: int, **kwargs: Any
     ) -> ViTClassifier:
-        """A classifier of the size stored in a timm-format weights file (see
-        :meth:`load_timm_weights`), initialised from it."""
-        sd = _strip_prefixes(_read_state_file(source) if not isinstance(source, Mapping) else source)
-        found = infer_vit_config(sd, str(source) if not isinstance(source, Mapping) else "timm weights")
-        model = cls(**_merge_size(found, kwargs, "timm weights"), num_classes=num_classes)
-        model.load_timm_weights(sd)
-        return model
-
-
-def _merge_size(found: dict[str, Any], kwargs: dict[str, Any], source: str) -> dict[str, Any]:
-    bad = [f"{k}: {source} has {found[k]!r}, requested {kwargs[k]!r}"
-           for k in found if k in kwargs and kwargs[k] is not None and kwargs[k] != found[k]]
-    if bad:
-        raise ValueError(f"{source} does not match the requested classifier — " + "; ".join(bad))
-    return {**kwargs, **found}
-
-
-def _read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (a bare state dict, or one under
-    ``"model"`` / ``"state_dict"``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"timm weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = safe_torch_load(path, what="timm weights file")
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return dict(obj)
+        """A classifier from a timm-format weights file or state dict (see :meth:`from_init`)."""
+        return cls.from_init(source, num_classes, **kwargs)

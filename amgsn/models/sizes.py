@@ -29,6 +29,11 @@ VIT_SIZES: dict[str, ViTSize] = {
 }
 
 
+DEFAULT_SIZE: dict[str, object] = {"model": "vit_tiny", "img_size": 112, "patch_size": 8}
+"""Encoder size of a from-scratch run when none is given (pre-training and fine-tuning); with
+``--init`` the size comes from the weights."""
+
+
 def get_size(name: str) -> ViTSize:
     """Look up a size by name; ValueError listing the known names otherwise."""
     if name not in VIT_SIZES:

@@ -17,7 +17,9 @@ H heads, d = D / H, T = Σ visible patches, Dd decoder width.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from timm.layers import LayerNorm, PatchEmbed
@@ -27,6 +29,7 @@ from torch import nn
 from amgsn.models.attention import BACKENDS, PackedLayout
 from amgsn.models.blocks import block_forward_packed, block_forward_padded
 from amgsn.models.pos_embed import sincos_2d
+from amgsn.models.pretrained import InitWeights, LoadReport, load_init, read_init, resolve_size
 from amgsn.models.sizes import get_size, timm_vit_spec
 from amgsn.ops import MaskSelection, abmg_select, gather_visible, scatter_visible
 from amgsn.ops._checks import check_tensor
@@ -171,6 +174,43 @@ class MaskedAutoencoderViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def describe(self) -> str:
+        """``vit_tiny MAE (64 px, 8-px patches, 6 + 2 blocks)``: the target in load summaries."""
+        c = self.config
+        return (f"{c['model']} MAE ({c['img_size']} px, {c['patch_size']}-px patches, "
+                f"{c['depth']} + {c['decoder_depth']} blocks)")
+
+    def load_init(self, init: InitWeights) -> LoadReport:
+        """Load pre-trained weights (see :func:`amgsn.models.pretrained.read_init`) into this MAE.
+
+        The encoder loads (patch embedding resampled to this patch size where it differs); the
+        decoder loads when the weights hold one (an MAE checkpoint with decoder, an ``amgsn
+        pretrain`` checkpoint), else it keeps its initialisation; the position tables stay the fixed
+        sin-cos of this grid. The report (also ``self.init_report``) lists what happened. ValueError
+        when the width differs."""
+        resolve_size(init, {"model": self.config["model"]})
+        self.init_report = load_init(self, init, target=self.describe(),
+                                     fixed_sincos=("pos_embed", "decoder_pos_embed"))
+        return self.init_report
+
+    @classmethod
+    def from_init(
+        cls, spec: str | os.PathLike | Mapping[str, Any] | InitWeights, **kwargs: Any
+    ) -> MaskedAutoencoderViT:
+        """An MAE initialised from ``spec`` (anything :func:`~amgsn.models.pretrained.read_init` reads).
+
+        ``model`` / ``img_size`` / ``patch_size`` / ``depth`` / ``in_chans`` and the decoder's
+        ``decoder_embed_dim`` / ``decoder_depth`` / ``decoder_num_heads`` in ``kwargs`` that are None or
+        absent come from the weights (the decoder's from the size's defaults when the weights have
+        none); given, the weights are fitted to them. Other ``kwargs``: constructor arguments."""
+        init = spec if isinstance(spec, InitWeights) else read_init(spec)
+        keys = ("model", "img_size", "patch_size", "depth", "in_chans", "decoder_embed_dim", "decoder_depth",
+                "decoder_num_heads")
+        size = resolve_size(init, {k: kwargs.pop(k, None) for k in keys})
+        model = cls(size.pop("model"), **{k: size.get(k) for k in keys[1:]}, **kwargs)
+        model.load_init(init)
+        return model
 
     def timm_spec(self) -> tuple[str, dict[str, int]]:
         """(timm model name, kwargs) of the matching timm ``VisionTransformer`` encoder."""
