@@ -97,10 +97,13 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--warmup-epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1, help="write checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                   help="also write checkpoint-last.pth every N optimizer steps (SIGTERM / SIGUSR1 always save "
+                   "after the current step and exit with 128 + the signal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (also one written inside an epoch)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/labels (counted, reported)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_run_pretrain)
@@ -328,6 +331,9 @@ def _add_finetune(sub) -> None:
                    help="stratified validation part of the train split, for model selection (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=1, help="write checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                   help="also write checkpoint-last.pth every N optimizer steps (SIGTERM / SIGUSR1 always save "
+                   "after the current step and exit with 128 + the signal)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")

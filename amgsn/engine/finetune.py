@@ -36,10 +36,12 @@ from amgsn.engine.common import (
     PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
+    StopSignals,
     TrainLoader,
     autocast,
     cosine_scheduler,
     effective_lr,
+    preempt,
     resolve_device,
     write_config,
 )
@@ -97,6 +99,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     seed: int = 0
     save_every: int = 1
+    save_every_steps: int | None = None  # also write checkpoint-last.pth every N optimizer steps
     max_steps: int | None = None
     workers: int = 2
     device: str = "auto"
@@ -106,11 +109,9 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "save_every", "proj_dim"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "save_every", "proj_dim", "max_steps", "save_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -344,7 +345,7 @@ def _checkpoint_state(cfg, model, optimizer, center, classes, num_images, epoch,
         "center_loss": center.state_dict() if center is not None else None,
         "best_metric": best["metric"],
         "best_epoch": best["epoch"],
-        "rng": ckpt.rng_state(),
+        **ckpt.rng_entries(),
     }
 
 
@@ -428,6 +429,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     start_epoch, global_step = 0, 0
     best: dict[str, Any] = {"metric": None, "epoch": None}
+    guard = NonFiniteGuard()
+    in_epoch: dict[str, Any] | None = None  # where a run stopped inside an epoch (preemption)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -435,9 +438,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if state.get("center_loss") is None:
                 raise ValueError(f"{cfg.resume} holds no center-loss state")
             center.load_state_dict(state["center_loss"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         best = {"metric": state.get("best_metric"), "epoch": state.get("best_epoch")}
+        in_epoch = state.get("in_epoch")
+        if in_epoch is not None:
+            start_epoch = in_epoch["epoch"]
+            guard.load_state_dict(state["guard"])
         del state
 
     step_fn: nn.Module = _TrainForward(model, project=supcon is not None)
@@ -452,7 +459,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                            "num_val": 0 if val is None else len(val), "train_class_counts": train.class_counts,
                            "lr": lr, "world_size": dist.world_size, "device": device})
     log = JsonlLog(out / "log.jsonl", enabled=dist.is_main)
-    guard = NonFiniteGuard()
     record: dict[str, Any] = {}
     done = global_step >= total_steps
     # Both loaders keep their worker processes for the whole run.
@@ -462,81 +468,110 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train_loader = TrainLoader(train, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                                workers=cfg.workers, sampler_for_epoch=balanced)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        model.train()
-        loader = train_loader.epoch(epoch)
-        # loss, ce, center, supcon (sample-weighted), images: summed on the device, so a step costs no
-        # host sync beyond the non-finite check (the progress bar reads it every PROGRESS_EVERY steps).
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
-        skipped_before = guard.total
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and dist.is_main))
-        for i, (imgs, labels, _idx) in enumerate(bar):
-            # Two views -> one 2B batch through the encoder; CE and center loss see both views.
-            x = torch.cat(imgs) if isinstance(imgs, (list, tuple)) else imgs
-            x = x.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            b = labels.shape[0]
-            scheduler.step_update(global_step)
-            with autocast(device):
-                out_step = step_fn(x)
-            loss, parts = finetune_loss(out_step, labels, center, supcon, cfg)
-            if not guard.check(loss, f"epoch {epoch} batch {i}"):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            if center is not None:
-                # After the optimiser step (DESIGN §4.3); all-reduced across ranks inside.
-                pooled = out_step[0]
-                center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
-            global_step += 1
-            terms = [loss, parts["ce"], parts["center"], parts["supcon"]]
-            sums += torch.cat([torch.stack(terms).detach().to(sums) * b, sums.new_tensor([b])])
-            if not bar.disable and i % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{float(sums[0]) / max(float(sums[4]), 1):.4f}",
-                                lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
-            if global_step >= total_steps:
-                done = True
-                break
-        elapsed = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(sums).tolist()
-        n = max(totals[4], 1.0)
-        metrics = _validate(model, val, val_loader, cfg, device)
-        record = {
-            "stage": "finetune", "epoch": epoch, "step": global_step,
-            "loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_center": totals[2] / n,
-            "loss_supcon": totals[3] / n, "lr": max(g["lr"] for g in optimizer.param_groups),
-            **metrics, "images_per_s": totals[4] / max(elapsed, 1e-9),
-            "skipped_steps": guard.total - skipped_before, "seconds": elapsed,
-            "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
-        }
-        score = metrics["val_mean_class_accuracy"]
-        # Strictly better only: on a tie the earlier (less trained) epoch stays the best.
-        improved = score is None or best["metric"] is None or score > best["metric"]
-        if improved:
-            best = {"metric": score, "epoch": epoch}
-        record["best_epoch"] = best["epoch"]
-        log.write(record)
-        last_epoch = epoch + 1 == cfg.epochs or done
-        if dist.is_main:
-            snap = _checkpoint_state(cfg, model, optimizer, center, classes, len(base), epoch, global_step, best)
-            if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+    def save(epoch: int, position: dict[str, Any] | None, improved: bool = False) -> Path | None:
+        """checkpoint-last.pth (+ -<epoch> / -best at an epoch's end) on rank 0; every rank calls
+        (the per-rank RNG gather is a collective). ``position``: where inside ``epoch`` the run is."""
+        snap = _checkpoint_state(cfg, model, optimizer, center, classes, len(base), epoch - (position is not None),
+                                 global_step, best)
+        snap["in_epoch"], snap["guard"] = position, guard.state_dict()
+        if not dist.is_main:
+            return None
+        if position is None:
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or done:
                 ckpt.save_atomic(snap, out / f"checkpoint-{epoch}.pth")
             if improved:
                 ckpt.save_atomic(snap, out / "checkpoint-best.pth")
-            ckpt.save_atomic(snap, out / "checkpoint-last.pth")
-            if cfg.progress:
+        return ckpt.save_atomic(snap, out / "checkpoint-last.pth")
+
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            if done:
+                break
+            model.train()
+            first_batch = in_epoch["batches"] if in_epoch is not None and epoch == in_epoch["epoch"] else 0
+            loader = train_loader.epoch(epoch, first_batch)
+            # loss, ce, center, supcon (sample-weighted), images: summed on the device, so a step costs no
+            # host sync beyond the non-finite check (the progress bar reads it every PROGRESS_EVERY
+            # steps). A resumed epoch starts from the sums over all ranks saved with it.
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            skipped_before, seconds_before = guard.total, 0.0
+            if first_batch:
+                if dist.is_main:
+                    sums += torch.tensor(in_epoch["sums"], dtype=torch.float64, device=device)
+                skipped_before -= in_epoch["skipped"]
+                seconds_before = in_epoch["seconds"]
+            start = time.perf_counter()
+            bar = tqdm(loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       disable=not (cfg.progress and dist.is_main))
+            for i, (imgs, labels, _idx) in enumerate(bar, start=first_batch):
+                # Two views -> one 2B batch through the encoder; CE and center loss see both views.
+                x = torch.cat(imgs) if isinstance(imgs, (list, tuple)) else imgs
+                x = x.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                b = labels.shape[0]
+                scheduler.step_update(global_step)
+                with autocast(device):
+                    out_step = step_fn(x)
+                loss, parts = finetune_loss(out_step, labels, center, supcon, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                stepped = guard.check(loss, f"epoch {epoch} batch {i}", stop)
+                if stepped:
+                    loss.backward()
+                    if cfg.clip_grad:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    optimizer.step()
+                    if center is not None:
+                        # After the optimiser step (DESIGN §4.3); all-reduced across ranks inside.
+                        pooled = out_step[0]
+                        center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
+                    global_step += 1
+                    terms = [loss, parts["ce"], parts["center"], parts["supcon"]]
+                    sums += torch.cat([torch.stack(terms).detach().to(sums) * b, sums.new_tensor([b])])
+                    if not bar.disable and i % PROGRESS_EVERY == 0:
+                        bar.set_postfix(loss=f"{float(sums[0]) / max(float(sums[4]), 1):.4f}",
+                                        lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}")
+                    done = global_step >= total_steps
+                # Inside the epoch: a stop signal, or --save-every-steps.
+                if i + 1 < steps_per_epoch and not done:
+                    periodic = stepped and cfg.save_every_steps and global_step % cfg.save_every_steps == 0
+                    if stop.agreed or periodic:
+                        position = {"epoch": epoch, "batches": i + 1,
+                                    "sums": distributed.all_reduce_sum(sums.clone()).tolist(),
+                                    "skipped": guard.total - skipped_before,
+                                    "seconds": seconds_before + time.perf_counter() - start}
+                        if stop.agreed:
+                            preempt(stop, lambda p=position, e=epoch: save(e, p), "finetune",
+                                    f"step {global_step} (epoch {epoch}, batch {i + 1} of {steps_per_epoch})")
+                        save(epoch, position)
+                if done:
+                    break
+            elapsed = seconds_before + time.perf_counter() - start
+            totals = distributed.all_reduce_sum(sums).tolist()
+            n = max(totals[4], 1.0)
+            metrics = _validate(model, val, val_loader, cfg, device)
+            record = {
+                "stage": "finetune", "epoch": epoch, "step": global_step,
+                "loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_center": totals[2] / n,
+                "loss_supcon": totals[3] / n, "lr": max(g["lr"] for g in optimizer.param_groups),
+                **metrics, "images_per_s": totals[4] / max(elapsed, 1e-9),
+                "skipped_steps": guard.total - skipped_before, "seconds": elapsed,
+                "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
+            }
+            score = metrics["val_mean_class_accuracy"]
+            # Strictly better only: on a tie the earlier (less trained) epoch stays the best.
+            improved = score is None or best["metric"] is None or score > best["metric"]
+            if improved:
+                best = {"metric": score, "epoch": epoch}
+            record["best_epoch"] = best["epoch"]
+            log.write(record)
+            path = save(epoch, None, improved)
+            if dist.is_main and cfg.progress:
                 val_txt = "" if score is None else (f", val acc {metrics['val_accuracy']:.3f}, "
                                                     f"val mean class acc {score:.3f}")
                 tqdm.write(f"finetune epoch {epoch}: loss {record['loss']:.4f}{val_txt}, "
                            f"{record['images_per_s']:.1f} img/s")
+            if stop.agreed and not done and epoch + 1 < cfg.epochs:
+                preempt(stop, lambda p=path: p, "finetune", f"step {global_step} (the end of epoch {epoch})")
     distributed.barrier()
     return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-best.pth"),
             "checkpoint_last": str(out / "checkpoint-last.pth"), "best_metric": best["metric"],

@@ -25,10 +25,12 @@ from amgsn.engine.common import (
     PROGRESS_EVERY,
     JsonlLog,
     NonFiniteGuard,
+    StopSignals,
     TrainLoader,
     autocast,
     cosine_scheduler,
     effective_lr,
+    preempt,
     resolve_device,
     write_config,
 )
@@ -75,6 +77,7 @@ class PretrainConfig:
     max_steps: int | None = None
     seed: int = 0
     save_every: int = 1
+    save_every_steps: int | None = None  # also write checkpoint-last.pth every N optimizer steps
     workers: int = 2
     device: str = "auto"
     resume: str | None = None
@@ -84,11 +87,10 @@ class PretrainConfig:
     cache_images: bool = True
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every"):
+        for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every", "max_steps",
+                     "save_every_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise ValueError(f"--mask-ratio must lie in [0, 1], got {self.mask_ratio}")
 
@@ -106,7 +108,6 @@ def _build_model(cfg: PretrainConfig) -> tuple[MaskedAutoencoderViT, PretrainCon
     c = model.config
     return model, dataclasses.replace(cfg, model=c["model"], img_size=c["img_size"], patch_size=c["patch_size"],
                                       depth=c["depth"], decoder_depth=c["decoder_depth"])
-
 
 
 def _load_train_set(cfg: PretrainConfig):
@@ -165,7 +166,7 @@ def _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch: int, g
         "scaler": scaler.state_dict(),
         "ratio_bank": bank.state_dict(),
         "policy": policy.state_dict(),
-        "rng": ckpt.rng_state(),
+        **ckpt.rng_entries(),
     }
 
 
@@ -203,6 +204,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     scheduler = cosine_scheduler(optimizer, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr)
 
     start_epoch, global_step = 0, 0
+    guard = NonFiniteGuard()
+    in_epoch: dict[str, Any] | None = None  # where a run stopped inside an epoch (preemption)
     if cfg.resume:
         state = ckpt.load_checkpoint(cfg.resume, kind="pretrain")
         if state["model_config"] != model.config:
@@ -213,8 +216,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         bank.load_state_dict(state["ratio_bank"])
         policy.load_state_dict(state["policy"], model)
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        in_epoch = state.get("in_epoch")
+        if in_epoch is not None:
+            start_epoch = in_epoch["epoch"]
+            guard.load_state_dict(state["guard"])
+        del state
 
     ddp_model = model
     if dist.enabled:
@@ -224,82 +232,110 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, {"stage": "pretrain", **dataclasses.asdict(cfg), "num_images": len(dataset),
                            "lr": lr, "world_size": dist.world_size, "device": device})
-        if start_epoch == 0:
+        if not cfg.resume:
             write_mask_gallery(model, cfg, out / "mask_gallery" / "start.npz", device)
     log = JsonlLog(out / "log.jsonl", enabled=dist.is_main)
-    guard = NonFiniteGuard()
     record: dict[str, Any] = {}
     done = global_step >= total_steps
     train_loader = TrainLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                                workers=cfg.workers)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        model.train()
-        loader = train_loader.epoch(epoch)
-        # Summed on the device: no host sync per step for the log (the progress bar reads it every
-        # PROGRESS_EVERY steps; MRUS's bank update needs the per-image losses on the host anyway).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        loss_count, images, skipped_before = 0, 0, guard.total
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and dist.is_main),
-                   leave=False, dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
-        for i, (imgs, _labels, indices) in enumerate(bar):
-            imgs = imgs.to(device, non_blocking=True)
-            ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
-            with autocast(device):
-                batch = policy.select(model, imgs, ratios, epoch)
-                result = ddp_model(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
-            if not guard.check(result.loss.detach(), f"epoch {epoch} batch {i}"):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            (result.loss / cfg.accum).backward()
-            if policy.uses_ratio_bank:
-                all_idx = distributed.all_gather_cat(indices.to(device)).cpu()
-                all_loss = distributed.all_gather_cat(result.per_image_loss.detach().float()).cpu()
-                bank.update(all_idx, all_loss)
-            loss_sum += result.loss.detach().double() * imgs.shape[0]
-            loss_count += imgs.shape[0]
-            images += imgs.shape[0]
-            if (i + 1) % cfg.accum == 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                scheduler.step_update(global_step)
-                policy.update_teacher(model)
-                if not bar.disable and global_step % PROGRESS_EVERY == 0:
-                    bar.set_postfix(loss=f"{float(loss_sum) / max(loss_count, 1):.4f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    ratio=f"{bank.summary()['mean']:.3f}")
-                if global_step >= total_steps:
-                    done = True
+    def save_last(epoch: int, position: dict[str, Any] | None) -> Path | None:
+        """checkpoint-last.pth (rank 0; the per-rank RNG gather is a collective: every rank calls).
+        ``position``: where inside ``epoch`` the run is, or None after the epoch's last step."""
+        state = _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch - (position is not None),
+                                  global_step)
+        state["in_epoch"], state["guard"] = position, guard.state_dict()
+        if not dist.is_main:
+            return None
+        if position is None and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or done):
+            ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+        return ckpt.save_atomic(state, out / "checkpoint-last.pth")
+
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            if done:
+                break
+            model.train()
+            first_batch = in_epoch["batches"] if in_epoch is not None and epoch == in_epoch["epoch"] else 0
+            loader = train_loader.epoch(epoch, first_batch)
+            # Summed on the device: no host sync per step for the log (the progress bar reads it every
+            # PROGRESS_EVERY steps; MRUS's bank update needs the per-image losses on the host anyway).
+            # loss x images, images; a resumed epoch starts from the sums over all ranks saved with it.
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            skipped_before, seconds_before = guard.total, 0.0
+            if first_batch:
+                if dist.is_main:
+                    sums += torch.tensor(in_epoch["sums"], dtype=torch.float64, device=device)
+                skipped_before -= in_epoch["skipped"]
+                seconds_before = in_epoch["seconds"]
+            start = time.perf_counter()
+            bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
+            optimizer.zero_grad(set_to_none=True)
+            for i, (imgs, _labels, indices) in enumerate(bar, start=first_batch):
+                imgs = imgs.to(device, non_blocking=True)
+                ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
+                with autocast(device):
+                    batch = policy.select(model, imgs, ratios, epoch)
+                    result = ddp_model(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+                stepped = False
+                if guard.check(result.loss.detach(), f"epoch {epoch} batch {i}", stop):
+                    (result.loss / cfg.accum).backward()
+                    if policy.uses_ratio_bank:
+                        all_idx = distributed.all_gather_cat(indices.to(device)).cpu()
+                        all_loss = distributed.all_gather_cat(result.per_image_loss.detach().float()).cpu()
+                        bank.update(all_idx, all_loss)
+                    sums += torch.stack([result.loss.detach().double() * imgs.shape[0],
+                                         sums.new_tensor(imgs.shape[0])])
+                    if (i + 1) % cfg.accum == 0:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        global_step += 1
+                        stepped = True
+                        scheduler.step_update(global_step)
+                        policy.update_teacher(model)
+                        if not bar.disable and global_step % PROGRESS_EVERY == 0:
+                            bar.set_postfix(loss=f"{float(sums[0]) / max(float(sums[1]), 1):.4f}",
+                                            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                            ratio=f"{bank.summary()['mean']:.3f}")
+                        done = global_step >= total_steps
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                # Between optimizer steps and inside the epoch: a stop signal, or --save-every-steps.
+                if (i + 1) % cfg.accum == 0 and i + 1 < local_batches and not done:
+                    periodic = stepped and cfg.save_every_steps and global_step % cfg.save_every_steps == 0
+                    if stop.agreed or periodic:
+                        position = {"epoch": epoch, "batches": i + 1,
+                                    "sums": distributed.all_reduce_sum(sums.clone()).tolist(),
+                                    "skipped": guard.total - skipped_before,
+                                    "seconds": seconds_before + time.perf_counter() - start}
+                        if stop.agreed:
+                            preempt(stop, lambda p=position, e=epoch: save_last(e, p), "pretrain",
+                                    f"step {global_step} (epoch {epoch}, batch {i + 1} of {local_batches})")
+                        save_last(epoch, position)
+                if done:
                     break
-        elapsed = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(loss_count),
-                                                         loss_sum.new_tensor(images)])).tolist()
-        counts, edges = bank.histogram(10)
-        summary = bank.summary()
-        record = {
-            "stage": "pretrain", "epoch": epoch, "step": global_step,
-            "loss": totals[0] / max(totals[1], 1), "lr": optimizer.param_groups[0]["lr"],
-            "mask_mode": cfg.mask_mode, "abmg_active": policy.uses_abmg(epoch),
-            "ratio_mean": summary["mean"], "ratio_min": summary["min"], "ratio_max": summary["max"],
-            "ratio_hist": {"edges": edges, "counts": counts},
-            "images_per_s": totals[2] / max(elapsed, 1e-9), "skipped_steps": guard.total - skipped_before,
-            "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
-        }
-        log.write(record)
-        last_epoch = epoch + 1 == cfg.epochs or done
-        if dist.is_main:
-            state = _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch, global_step)
-            if (epoch + 1) % cfg.save_every == 0 or last_epoch:
-                ckpt.save_atomic(state, out / f"checkpoint-{epoch}.pth")
-            ckpt.save_atomic(state, out / "checkpoint-last.pth")
-            if cfg.progress:
+            elapsed = seconds_before + time.perf_counter() - start
+            totals = distributed.all_reduce_sum(sums).tolist()
+            counts, edges = bank.histogram(10)
+            summary = bank.summary()
+            record = {
+                "stage": "pretrain", "epoch": epoch, "step": global_step,
+                "loss": totals[0] / max(totals[1], 1), "lr": optimizer.param_groups[0]["lr"],
+                "mask_mode": cfg.mask_mode, "abmg_active": policy.uses_abmg(epoch),
+                "ratio_mean": summary["mean"], "ratio_min": summary["min"], "ratio_max": summary["max"],
+                "ratio_hist": {"edges": edges, "counts": counts},
+                "images_per_s": totals[1] / max(elapsed, 1e-9), "skipped_steps": guard.total - skipped_before,
+                "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's cost
+            }
+            log.write(record)
+            path = save_last(epoch, None)
+            if dist.is_main and cfg.progress:
                 tqdm.write(f"pretrain epoch {epoch}: loss {record['loss']:.4f}, ratio mean {summary['mean']:.3f}, "
                            f"{record['images_per_s']:.1f} img/s")
+            if stop.agreed and not done and epoch + 1 < cfg.epochs:
+                preempt(stop, lambda p=path: p, "pretrain", f"step {global_step} (the end of epoch {epoch})")
     if dist.is_main and record:
         write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device)
     distributed.barrier()
