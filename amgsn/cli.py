@@ -53,7 +53,7 @@ _INIT_HELP = ("pre-trained weights: an MAE checkpoint (mae_pretrain_vit_*.pth / 
               "pretrain` checkpoint, timm weights (.safetensors/.pth), timm:<name.tag> (e.g. "
               "timm:vit_base_patch16_224.mae) or hf-hub:<org>/<repo> (Hugging Face cache; HF_HOME and "
               "HF_HUB_OFFLINE=1 apply). Sizes not given come from the weights; a different image / patch size "
-              "resamples them (docs/method.md#starting-from-pre-trained-weights)")
+              "resamples them (docs/method.md §10.2)")
 
 
 def _add_init_and_size(p: argparse.ArgumentParser) -> None:
