@@ -1,6 +1,6 @@
 """amgsn — Adaptive Mask-Guide Supervised Network for facial expression recognition.
 
-Layers (DESIGN §2): ``amgsn.kernels`` (Triton) and ``amgsn._C`` (C++/CUDA) know nothing of
+Layers (docs/method.md §2): ``amgsn.kernels`` (Triton) and ``amgsn._C`` (C++/CUDA) know nothing of
 models; ``amgsn.ops`` wraps them; ``masking``, ``losses`` and ``models`` use ``ops``; ``engine``
 uses everything below it; ``cli`` only parses arguments.
 """

@@ -46,7 +46,7 @@ def median_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rounds:
 
 
 # ---------------------------------------------------------------------------------------------
-# Masking (DESIGN §3.1–3.5)
+# Masking (docs/method.md §3.1–3.5)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -125,7 +125,7 @@ MASKING_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Debiased center loss (DESIGN §3.6–3.7): forward + backward + center update
+# Debiased center loss (docs/method.md §3.6–3.7): forward + backward + center update
 # ---------------------------------------------------------------------------------------------
 
 
@@ -212,7 +212,7 @@ def copy_bandwidth_GBps(device: str, nbytes: int = 1 << 30) -> float | None:
 
 # The whole pre-training step (issue 5's workload) as the last row of ``amgsn bench``: abmg_mrus
 # the fused way (fused op + packed encoder) vs the anchors' way, per device kind. The CUDA size is
-# DESIGN §9's ViT-B/16 run (bf16 autocast); the CPU size keeps a step to a few seconds on 2 cores.
+# docs/method.md §9's ViT-B/16 run (bf16 autocast); the CPU size keeps a step to a few seconds on 2 cores.
 STEP_CONFIGS: dict[str, dict] = {
     "cpu": {"model": "vit_tiny", "img_size": 112, "patch_size": 8, "batch_size": 64, "depth": None},
     "cuda": {"model": "vit_base", "img_size": 224, "patch_size": 16, "batch_size": 256, "depth": None},

@@ -68,7 +68,7 @@ def _add_init_and_size(p: argparse.ArgumentParser) -> None:
 
 @command
 def _add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="MAE pre-training with ABMG masks and MRUS ratios (DESIGN §4.1-4.2)",
+    p = sub.add_parser("pretrain", help="MAE pre-training with ABMG masks and MRUS ratios (docs/method.md §4.1-4.2)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help="rafdb | affectnet | fer2013 | ferplus | folder | synthetic")
     p.add_argument("--data-dir", required=True, help="root folder of the data set")
@@ -216,7 +216,7 @@ def _run_report(args) -> int:
 
 @command
 def _add_make_synthetic(sub) -> None:
-    p = sub.add_parser("make-synthetic", help="write the synthetic FER set (RAF-DB layout, DESIGN §6)",
+    p = sub.add_parser("make-synthetic", help="write the synthetic FER set (RAF-DB layout, docs/method.md §6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", metavar="OUT", help="output folder (EmoLabel/, Image/aligned/)")
     p.add_argument("--num-train", type=int, default=2500, help="training images (RAF-DB class proportions)")
@@ -298,8 +298,8 @@ def none_or_str(text: str) -> str | None:
 
 @command
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a ViT classifier: CE + debiased center + SupCon (DESIGN §4.3)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="fine-tune a ViT classifier: CE + debiased center + SupCon (docs/method.md §4.3)")
     p.add_argument("--dataset", default="synthetic", help="rafdb | affectnet | fer2013 | ferplus | folder | synthetic")
     p.add_argument("--data-dir", required=True, help="root folder of the data set (its train split is used)")
     p.add_argument("--out", required=True, help="output folder (config, log.jsonl, checkpoints)")

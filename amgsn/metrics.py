@@ -1,4 +1,4 @@
-"""Balanced classification metrics (DESIGN §7), computed from the full confusion matrix.
+"""Balanced classification metrics (docs/method.md §7), computed from the full confusion matrix.
 
 Everything here is pure NumPy over integer counts, so the numbers never depend on batch size or
 on how the evaluation loop was split: the loop accumulates (or concatenates) labels and

@@ -1,4 +1,4 @@
-"""Load torch files a user passes without running any code in them (DESIGN §10).
+"""Load torch files a user passes without running any code in them (docs/method.md §10).
 
 A ``.pth`` is a pickle, and unpickling can call any function the file names. ``torch.load(...,
 weights_only=True)`` only rebuilds tensors and plain Python types; everything amgsn itself writes

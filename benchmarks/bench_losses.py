@@ -1,4 +1,4 @@
-"""Debiased center loss: forward + backward + center update, ours vs the reference (DESIGN §9).
+"""Debiased center loss: forward + backward + center update, ours vs the reference (docs/method.md §9).
 
 Ours = ``DebiasedCenterLoss`` (compiled op: one pass forward, one-multiply backward, one-pass
 in-place update); "fused stats" = the forward also returns the per-class statistics and the update

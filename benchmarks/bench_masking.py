@@ -1,4 +1,4 @@
-"""Masking ops vs the MAE/AttMask-style references (DESIGN §9). Cases live in amgsn.benchmarking.
+"""Masking ops vs the MAE/AttMask-style references (docs/method.md §9). Cases live in amgsn.benchmarking.
 
 CPU:  .venv/bin/pytest benchmarks/bench_masking.py --benchmark-enable -q
 CUDA: benchmarks/gpu_check.sh (the ``cuda`` cases)

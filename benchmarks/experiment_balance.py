@@ -153,7 +153,7 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         a = self.args
         self.out.mkdir(parents=True, exist_ok=True)
-        # Same bytes whatever the number of render processes (DESIGN §6).
+        # Same bytes whatever the number of render processes (docs/method.md §6).
         ensure_synthetic(self.data, a.num_train, a.num_test, image_size=a.image_size, seed=0, workers=a.workers,
                          progress=False)
         pre_epochs, ft_epochs = self.plan_epochs()

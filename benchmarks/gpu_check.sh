@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (DESIGN §9): build amgsn against the torch there, run the CUDA tests,
+# One call on the GPU machine (docs/method.md §9): build amgsn against the torch there, run the CUDA tests,
 # run the GPU benchmarks, write JSON + a short table under $OUT. Well under 10 minutes on an H100.
 #   device tool:  bash benchmarks/gpu_check.sh        (locally: OUT=/tmp/gpu bash benchmarks/gpu_check.sh)
 set -uo pipefail

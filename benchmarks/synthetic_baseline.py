@@ -5,7 +5,7 @@ per intensity bin, and the confusion matrix.
     python benchmarks/synthetic_baseline.py [--root DIR] [--epochs 12] [--size 64] [--json out.json]
 
 Generates the default set (2 500 / 700 images, 112 px, seed 0) under ``--root`` when missing.
-The numbers go into benchmarks/RESULTS.md. DESIGN §6 asks for: well below 100 %, a visible gap
+The numbers go into benchmarks/RESULTS.md. docs/method.md §6 asks for: well below 100 %, a visible gap
 between frequent and rare classes, confusions along fear/surprise, disgust/anger, sadness/neutral.
 """
 

@@ -1,4 +1,4 @@
-// Debiased center loss (DESIGN §3.6) and the Wen et al. center update (§3.7): op schemas and CPU
+// Debiased center loss (docs/method.md §3.6) and the Wen et al. center update (§3.7): op schemas and CPU
 // kernels. The CUDA kernels live in cuda/center_loss.cu; the Python side (fake tensors, autograd,
 // argument checks with readable messages) in amgsn/ops/center_loss.py.
 //

@@ -1,4 +1,4 @@
-// Shared declarations of the debiased center-loss operators (DESIGN §3.6–3.7): the argument
+// Shared declarations of the debiased center-loss operators (docs/method.md §3.6–3.7): the argument
 // checks that the CPU (center_loss.cpp) and CUDA (cuda/center_loss.cu) halves both run before
 // touching memory, so a direct torch.ops.amgsn.* call with bad shapes raises instead of reading out
 // of bounds. Value checks (label range, finiteness) live in the kernels themselves.

@@ -1,4 +1,4 @@
-// CPU kernels of the ABMG masking operators (DESIGN §3.1–3.5).
+// CPU kernels of the ABMG masking operators (docs/method.md §3.1–3.5).
 //
 // These are the CPU halves of the public ops in amgsn/ops/masking.py (torch.library custom ops,
 // whose CUDA halves are Triton kernels). Argument validation with readable messages happens in
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_visible_backward_cpu(const at::Tensor
   return {grad_y, partial.sum(0)};
 }
 
-// DESIGN §3.1 without the N×N matrix: per head softmax(q_cls · kᵀ / sqrt(d)) over the 1+N keys,
+// docs/method.md §3.1 without the N×N matrix: per head softmax(q_cls · kᵀ / sqrt(d)) over the 1+N keys,
 // CLS column dropped, mean over heads. float32 accumulation for every input dtype.
 at::Tensor cls_attention_scores_cpu(const at::Tensor& q_cls, const at::Tensor& k) {
   TORCH_CHECK_VALUE(q_cls.dim() == 3 && k.dim() == 4, "q_cls must be (B, H, d) and k (B, H, 1+N, d)");

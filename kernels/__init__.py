@@ -1,4 +1,4 @@
-"""Triton kernels of the masking operators (installed as ``amgsn.kernels``; DESIGN §3.1–3.5).
+"""Triton kernels of the masking operators (installed as ``amgsn.kernels``; docs/method.md §3.1–3.5).
 
 Plain launchers: ``amgsn.ops`` validates shapes and dtypes and calls them on CUDA tensors (and on CPU
 tensors with ``AMGSN_TRITON_ON_CPU=1``). Index arguments are checked inside the kernels, without a

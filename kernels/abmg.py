@@ -1,4 +1,4 @@
-"""Triton kernels of ABMG masking: CLS-attention scores (DESIGN §3.1), selection (§3.2) and the fused
+"""Triton kernels of ABMG masking: CLS-attention scores (docs/method.md §3.1), selection (§3.2) and the fused
 scores -> selection -> visible-row gather (§3.5), one program per image.
 
 Semantics are exactly those of ``amgsn.ops.reference``:

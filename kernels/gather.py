@@ -1,6 +1,6 @@
 """Triton kernels that move rows between the padded (B, N, D) layout and the packed visible layout.
 
-Packed layout (DESIGN §3.2–3.4): image ``b`` keeps the patches ``ids_keep[cu[b]:cu[b+1]]`` (distinct,
+Packed layout (docs/method.md §3.2–3.4): image ``b`` keeps the patches ``ids_keep[cu[b]:cu[b+1]]`` (distinct,
 int64; ascending when they come from a selection) and its visible rows live at rows ``cu[b]:cu[b+1]``
 of a (T, D) tensor.
 

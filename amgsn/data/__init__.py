@@ -1,5 +1,5 @@
 """FER data sets (RAF-DB, AffectNet, FER2013, FERPlus, image folder, the synthetic set),
-transforms and a class-balanced sampler (DESIGN §5, §6).
+transforms and a class-balanced sampler (docs/method.md §5, §6).
 
 ``build_dataset(name, root, split)`` is the entry point; every data set yields
 ``(image, label, index)`` and exposes ``classes`` (its own label order), ``targets``,

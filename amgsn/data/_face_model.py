@@ -1,9 +1,9 @@
 """Parameters of a synthetic face: identity, FACS action units, and the per-image nuisance factors.
 
 This module only *samples numbers* (no drawing; see ``_face_render``). Every function takes a
-``numpy.random.Generator`` so the caller controls determinism (DESIGN §6: same seed, same bytes).
+``numpy.random.Generator`` so the caller controls determinism (docs/method.md §6: same seed, same bytes).
 
-Expressions follow Ekman & Friesen's prototypes (DESIGN §6 table). Each action unit (AU) is a
+Expressions follow Ekman & Friesen's prototypes (docs/method.md §6 table). Each action unit (AU) is a
 continuous activation in [0, 1]; a sample's activations are its class prototype scaled by one
 intensity (subtle → full), jittered per AU, with optional units sometimes missing, small random
 activations everywhere, the identity's resting face added, and sometimes a partial blend of the
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .classes import RAFDB_CLASSES  # the generated set uses RAF-DB's order (DESIGN §5, §6)
+from .classes import RAFDB_CLASSES  # the generated set uses RAF-DB's order (docs/method.md §5, §6)
 
 # The action units the renderer understands. AU43 stands for the lowered upper lids of sadness.
 AUS = ("AU1", "AU2", "AU4", "AU5", "AU6", "AU7", "AU9", "AU10", "AU12", "AU15", "AU16", "AU17",
@@ -40,7 +40,7 @@ PROTOTYPES: dict[str, dict[str, tuple[float, float]]] = {
     "Neutral": {},
 }
 
-# Confusable partner per class (DESIGN §6): a sample sometimes carries part of the partner's AUs.
+# Confusable partner per class (docs/method.md §6): a sample sometimes carries part of the partner's AUs.
 PARTNER = {"Surprise": "Fear", "Fear": "Surprise", "Disgust": "Anger", "Anger": "Disgust",
            "Sadness": "Neutral", "Neutral": "Sadness", "Happiness": "Neutral"}
 

@@ -1,4 +1,4 @@
-"""AffectNet (manually annotated part), 7 or 8 classes (DESIGN §5).
+"""AffectNet (manually annotated part), 7 or 8 classes (docs/method.md §5).
 
 ``root/training.csv`` / ``root/validation.csv`` with columns ``subDirectory_filePath, face_x,
 face_y, face_width, face_height, facial_landmarks, expression, valence, arousal`` (the header

@@ -1,4 +1,4 @@
-"""Class names of every supported data set, each in that data set's own label order (DESIGN §5).
+"""Class names of every supported data set, each in that data set's own label order (docs/method.md §5).
 
 At least four orders are in use in FER; labels are always mapped through these tuples, never
 through a folder sort order. ``CLASS_NAMES[name]`` gives the default list for ``build_dataset``.

@@ -1,4 +1,4 @@
-"""``build_dataset``: one entry point for every supported FER data set (DESIGN §5)."""
+"""``build_dataset``: one entry point for every supported FER data set (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FER2013 and FERPlus (DESIGN §5). Both keep the 48x48 grey pixels in memory (no image files).
+"""FER2013 and FERPlus (docs/method.md §5). Both keep the 48x48 grey pixels in memory (no image files).
 
 * FER2013: ``fer2013.csv`` with columns ``emotion, pixels, Usage``; pixels are 2304 grey values
   separated by spaces; emotion 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral;

@@ -1,4 +1,4 @@
-"""An image folder ``root/<split>/<class name>/*.jpg`` with an explicit class list (DESIGN §5).
+"""An image folder ``root/<split>/<class name>/*.jpg`` with an explicit class list (docs/method.md §5).
 
 The label of a folder is its position in the *given* class list, never the folder sort order.
 A sub-folder that is not in the list, a stray file and a file that is not an image are bad items

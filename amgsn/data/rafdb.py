@@ -1,4 +1,4 @@
-"""RAF-DB (basic emotions) and the synthetic set, which is written in RAF-DB's layout (DESIGN §5).
+"""RAF-DB (basic emotions) and the synthetic set, which is written in RAF-DB's layout (docs/method.md §5).
 
 Layout::
 

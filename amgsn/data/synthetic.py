@@ -1,4 +1,4 @@
-"""The synthetic FER generator (DESIGN §6): rendered faces written to disk in the RAF-DB layout.
+"""The synthetic FER generator (docs/method.md §6): rendered faces written to disk in the RAF-DB layout.
 
 ``generate(out_dir, num_train, num_test, image_size, seed)`` writes::
 

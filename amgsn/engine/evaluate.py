@@ -1,4 +1,4 @@
-"""Balanced evaluation (DESIGN §7) of a fine-tuned classifier on a full data-set split.
+"""Balanced evaluation (docs/method.md §7) of a fine-tuned classifier on a full data-set split.
 
 ``evaluate(checkpoint, dataset, data_dir, split)`` predicts every sample exactly once (split over
 ranks under torch.distributed, then gathered), builds one confusion matrix and writes, into

@@ -1,4 +1,4 @@
-"""AMGSN fine-tuning (DESIGN §4.3): CE + debiased center loss + SupCon over two augmented views.
+"""AMGSN fine-tuning (docs/method.md §4.3): CE + debiased center loss + SupCon over two augmented views.
 
 ``finetune(FinetuneConfig(...))`` is what ``amgsn finetune`` runs. The recipe is MAE's ViT
 fine-tuning (AdamW from timm's factory with layer-wise lr decay, drop path, per-step cosine with
@@ -265,7 +265,7 @@ def finetune_loss(
     supcon: nn.Module | None,
     cfg: FinetuneConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective of one step (DESIGN §4.3) from one :class:`_TrainForward` output.
+    """The objective of one step (docs/method.md §4.3) from one :class:`_TrainForward` output.
 
     ``L = CE(label_smoothing) + λ_center · center(pooled) + λ_supcon · SupCon(projection)``.
 
@@ -521,7 +521,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     optimizer.step()
                     if center is not None:
-                        # After the optimiser step (DESIGN §4.3); all-reduced across ranks inside.
+                        # After the optimiser step (docs/method.md §4.3); all-reduced across ranks inside.
                         pooled = out_step[0]
                         center.update_centers(pooled.detach().float(), labels.repeat(pooled.shape[0] // b))
                     global_step += 1

@@ -1,4 +1,4 @@
-"""AMGSN pre-training (DESIGN §4.1, §4.2): MAE whose masks come from ABMG, with per-image MRUS ratios.
+"""AMGSN pre-training (docs/method.md §4.1, §4.2): MAE whose masks come from ABMG, with per-image MRUS ratios.
 
 ``pretrain(PretrainConfig(...))`` is what ``amgsn pretrain`` runs. Each step: the policy picks the
 visible patches (random in warm-up, else the teacher's last-block CLS attention + noise, most

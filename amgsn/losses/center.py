@@ -1,4 +1,4 @@
-"""``DebiasedCenterLoss`` (DESIGN §3.6–3.7, §4.3): class-weighted center loss + Wen et al. update.
+"""``DebiasedCenterLoss`` (docs/method.md §3.6–3.7, §4.3): class-weighted center loss + Wen et al. update.
 
 Thin module over :mod:`amgsn.ops.center_loss`: it owns the centers (a buffer, saved in the
 ``state_dict``) and the class weights, computed once from the training-set class counts.
@@ -66,7 +66,7 @@ def class_weights_from_counts(
 
 
 class DebiasedCenterLoss(nn.Module):
-    """Class-weighted center loss with centers updated by the Wen et al. rule (DESIGN §3.6–3.7).
+    """Class-weighted center loss with centers updated by the Wen et al. rule (docs/method.md §3.6–3.7).
 
     ``forward(features (B, D), labels (B,))`` returns ``Σ_i w[y_i]·½‖f_i − c[y_i]‖² / Σ_i w[y_i]``;
     the centers get no gradient. Call ``update_centers(features, labels)`` once per step, after the

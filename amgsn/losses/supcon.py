@@ -1,4 +1,4 @@
-"""``SupConLoss`` (DESIGN §3.8): module form of :func:`amgsn.ops.supcon.supcon_loss`, over the
+"""``SupConLoss`` (docs/method.md §3.8): module form of :func:`amgsn.ops.supcon.supcon_loss`, over the
 global batch when training on several ranks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ABMG — the Attention-Based Mask Generator policy (DESIGN §4.1) and the random-mask baseline.
+"""ABMG — the Attention-Based Mask Generator policy (docs/method.md §4.1) and the random-mask baseline.
 
 Per step, :meth:`MaskingPolicy.select` decides which patches each image keeps:
 

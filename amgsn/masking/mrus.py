@@ -1,4 +1,4 @@
-"""MRUS — the Mask Ratio Update Strategy (DESIGN §4.2): one mask ratio per training image.
+"""MRUS — the Mask Ratio Update Strategy (docs/method.md §4.2): one mask ratio per training image.
 
 After each step, image i's ratio moves by ``eta * (lbar - l_i) / lbar`` and is clipped to
 ``[r_min, r_max]``: an image reconstructed better than the running mean loss ``lbar`` (easy) gets

@@ -11,7 +11,7 @@ Backends (:data:`BACKENDS`):
   share; checked once per (device, dtype) against the padded path before first use.
 * ``flex`` — FlexAttention with a document mask (CUDA; compiled; forward-and-backward).
 * ``xformers`` — ``memory_efficient_attention`` with a block-diagonal bias; used only if xformers
-  imports and passes the same self-check (DESIGN §8: the PyPI wheel does not load with torch 2.14).
+  imports and passes the same self-check (docs/method.md §8: the PyPI wheel does not load with torch 2.14).
 * ``sdpa_padded`` — any device: pad to ``max_seqlen``, one ``scaled_dot_product_attention`` call
   with a key-padding mask, unpad.
 * ``sdpa_per_seq`` — any device: one SDPA call per sequence (no padded compute, a Python loop).

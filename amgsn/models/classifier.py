@@ -1,4 +1,4 @@
-"""ViT classifier for fine-tuning (DESIGN §4.3): a timm ``VisionTransformer`` plus a SupCon head.
+"""ViT classifier for fine-tuning (docs/method.md §4.3): a timm ``VisionTransformer`` plus a SupCon head.
 
 The ViT is built with ``timm.create_model`` so that its state dict *is* a timm state dict: the
 export is ``self.vit.state_dict()`` and :meth:`ViTClassifier.timm_spec` says how to rebuild it.

@@ -301,7 +301,7 @@ class MaskedAutoencoderViT(nn.Module):
     def teacher_qk(
         self, imgs: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None, full_q: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What ABMG needs from this encoder run on the full image (DESIGN §4.1).
+        """What ABMG needs from this encoder run on the full image (docs/method.md §4.1).
 
         Pass ``imgs`` (B, C, H, W), or ``tokens`` (B, N, D) from :meth:`embed_patches`. Runs
         ``blocks[:-1]`` densely, then only the last block's ``norm1`` and the query/key part of its

@@ -1,4 +1,4 @@
-"""Public operators of amgsn (DESIGN §3). Each works on CPU (C++) and CUDA (Triton / CUDA),
+"""Public operators of amgsn (docs/method.md §3). Each works on CPU (C++) and CUDA (Triton / CUDA),
 under autograd and ``torch.compile``, and has a pure-PyTorch twin in :mod:`amgsn.ops.reference`."""
 
 from amgsn.ops.center_loss import (

@@ -1,4 +1,4 @@
-"""Debiased center loss (DESIGN §3.6) and the Wen et al. center update (§3.7), over ``amgsn._C``.
+"""Debiased center loss (docs/method.md §3.6) and the Wen et al. center update (§3.7), over ``amgsn._C``.
 
 The compiled operators (``csrc/center_loss.cpp``, ``csrc/cuda/center_loss.cu``) do the work in one
 pass over the features; this module adds readable argument checks, fake-tensor shapes
@@ -9,7 +9,7 @@ pass over the features; this module adds readable argument checks, fake-tensor s
   ``torch.ops.amgsn.center_loss_backward`` recomputes ``∂L/∂f_i = grad_out · inv_wsum · w[y_i]·
   (f_i − c[y_i])`` from the saved inputs in one pass (like torch's own losses). The centers are
   saved for backward, so updating them in place between forward and backward raises autograd's
-  "modified by an inplace operation" error: update after the backward (DESIGN §4.3 order).
+  "modified by an inplace operation" error: update after the backward (docs/method.md §4.3 order).
 * ``delta_sums[j] = Σ_{i: y_i = j} (f_i − c_j)`` and ``counts[j] = n_j`` are what the center update
   needs; they are additive over samples, which is what the distributed update all-reduces.
 
@@ -42,7 +42,7 @@ CENTER_DTYPES = (torch.float32, torch.float64)
 
 
 class CenterStats(NamedTuple):
-    """Per-class statistics of a batch for the center update (DESIGN §3.7).
+    """Per-class statistics of a batch for the center update (docs/method.md §3.7).
 
     delta_sums: (C, D) float32 (float64 if features or centers are) — ``Σ_{i: y_i = j} (f_i − c_j)``.
     counts:     (C,) int64 — ``n_j``, the number of samples of class j.
@@ -92,7 +92,7 @@ def _check_alpha(alpha: object) -> float:
 
 
 def _no_grad_view(t: torch.Tensor) -> torch.Tensor:
-    # Centers and class weights never receive a gradient (DESIGN §3.6).
+    # Centers and class weights never receive a gradient (docs/method.md §3.6).
     return t.detach() if t.requires_grad else t
 
 
@@ -187,7 +187,7 @@ def debiased_center_loss(
     *,
     check_finite: bool = True,
 ) -> torch.Tensor:
-    """Class-weighted center loss ``Σ_i w[y_i]·½‖f_i − c[y_i]‖² / Σ_i w[y_i]`` (DESIGN §3.6).
+    """Class-weighted center loss ``Σ_i w[y_i]·½‖f_i − c[y_i]‖² / Σ_i w[y_i]`` (docs/method.md §3.6).
 
     Args:
         features: (B, D) float16 / bfloat16 / float32 / float64 (half types accumulate in float32).
@@ -232,7 +232,7 @@ def center_apply_(
     centers: torch.Tensor, delta_sums: torch.Tensor, counts: torch.Tensor, alpha: float = 0.5
 ) -> torch.Tensor:
     """Move the centers in place from :class:`CenterStats`: ``c_j += α·delta_j / (1 + n_j)`` for
-    every class with ``n_j > 0`` (DESIGN §3.7). centers (C, D) float32/float64, delta_sums (C, D),
+    every class with ``n_j > 0`` (docs/method.md §3.7). centers (C, D) float32/float64, delta_sums (C, D),
     counts (C,) int64 >= 0. Returns ``centers``."""
     check_tensor("centers", centers, ndim=2, dtypes=CENTER_DTYPES)
     check_tensor("delta_sums", delta_sums, ndim=2, floating=True)
@@ -252,7 +252,7 @@ def center_apply_(
 def center_update_(
     features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, alpha: float = 0.5
 ) -> torch.Tensor:
-    """Wen et al. center update, in place (DESIGN §3.7):
+    """Wen et al. center update, in place (docs/method.md §3.7):
     ``c_j ← c_j − α·Σ_{i: y_i = j}(c_j − f_i) / (1 + n_j)`` for each class present in the batch.
 
     features (B, D) any float dtype, labels (B,) int64 in [0, C), centers (C, D) float32/float64.

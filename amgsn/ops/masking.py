@@ -1,4 +1,4 @@
-"""ABMG masking operators (DESIGN §3.1–3.5): attention scores -> mask selection -> visible tokens.
+"""ABMG masking operators (docs/method.md §3.1–3.5): attention scores -> mask selection -> visible tokens.
 
 Each public function validates its arguments (static checks here, so ``torch.compile`` can trace
 them) and calls a ``torch.library.custom_op`` whose CPU kernel is C++ (``amgsn._C``) and whose CUDA
@@ -161,7 +161,7 @@ def _scores_fake(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """CLS-attention saliency of each patch (DESIGN §3.1), without the (1+N)×(1+N) matrix.
+    """CLS-attention saliency of each patch (docs/method.md §3.1), without the (1+N)×(1+N) matrix.
 
     Args:
         q_cls: (B, H, d) — the CLS query of a block.
@@ -212,7 +212,7 @@ def abmg_select(
     *,
     relative_noise: bool = False,
 ) -> MaskSelection:
-    """Mask the most salient patches of each image (DESIGN §3.2). Deterministic.
+    """Mask the most salient patches of each image (docs/method.md §3.2). Deterministic.
 
     Args:
         scores: (B, N) floating saliency (e.g. from :func:`cls_attention_scores`).
@@ -223,7 +223,7 @@ def abmg_select(
             noise, e.g. ``torch.rand(B, N) * sigma``; ``noise`` with all-zero scores = MAE's random
             masking).
         relative_noise: scale ``noise`` by each image's score range (max - min), which ranks like
-            adding the noise to min-max-normalised scores (ABMG, DESIGN §4.1).
+            adding the noise to min-max-normalised scores (ABMG, docs/method.md §4.1).
     Returns:
         :class:`MaskSelection` — patches ordered by (score + noise descending, index ascending);
         the first ``N - num_keep[b]`` are masked (``mask`` True), the rest are kept, packed in
@@ -346,7 +346,7 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 def gather_visible(
     x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
 ) -> torch.Tensor:
-    """Pack the kept tokens of each image (DESIGN §3.3): ``out[t] = x[b(t), ids_keep[t]]``.
+    """Pack the kept tokens of each image (docs/method.md §3.3): ``out[t] = x[b(t), ids_keep[t]]``.
 
     Args:
         x: (B, N, D) any float dtype, any strides.
@@ -373,7 +373,7 @@ def scatter_visible(
     N: int,
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Unpack tokens back to full images for the decoder (DESIGN §3.4).
+    """Unpack tokens back to full images for the decoder (docs/method.md §3.4).
 
     Args:
         y: (T, D) packed tokens, any float dtype.
@@ -469,7 +469,7 @@ def abmg_mask_and_gather(
     *,
     relative_noise: bool = False,
 ) -> tuple[torch.Tensor, MaskSelection]:
-    """Scores -> selection -> gather in one call (DESIGN §3.5); one fused Triton launch on CUDA.
+    """Scores -> selection -> gather in one call (docs/method.md §3.5); one fused Triton launch on CUDA.
 
     Args:
         q_cls: (B, H, d), k: (B, H, 1+N, d) — as :func:`cls_attention_scores`.

@@ -17,12 +17,12 @@ from typing import NamedTuple
 import torch
 
 # --------------------------------------------------------------------------------------------
-# Masking (DESIGN §3.1–3.5)
+# Masking (docs/method.md §3.1–3.5)
 # --------------------------------------------------------------------------------------------
 
 
 class MaskSelection(NamedTuple):
-    """Which patches each image keeps, packed over the batch (DESIGN §3.2).
+    """Which patches each image keeps, packed over the batch (docs/method.md §3.2).
 
     ids_keep:   (T,) int64 — kept patch indices, ascending within each image, images concatenated.
     cu_seqlens: (B+1,) int32 — prefix sums of the per-image kept counts, starting at 0.
@@ -54,7 +54,7 @@ def cls_attention_scores_full(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Reference of DESIGN §3.1 from the CLS query alone: q_cls (B, H, d), k (B, H, 1+N, d) -> (B, N)."""
+    """Reference of docs/method.md §3.1 from the CLS query alone: q_cls (B, H, d), k (B, H, 1+N, d) -> (B, N)."""
     scale = 1.0 / math.sqrt(q_cls.shape[-1])
     logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k.float()) * scale
     return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
@@ -67,7 +67,7 @@ def selection_values(
 
     ``v = float64(scores) + float64(noise) * scale`` with ``scale = 1``, or with ``relative_noise``
     the image's score range ``float32(max - min)`` (1 where the range is 0). Adding noise scaled by
-    the range ranks exactly like adding it to min-max-normalised scores (ABMG, DESIGN §4.1). The
+    the range ranks exactly like adding it to min-max-normalised scores (ABMG, docs/method.md §4.1). The
     product of two float32 numbers is exact in float64, so a fused multiply-add and a separate
     multiply + add give the same bits: every implementation ranks identical values.
 
@@ -94,7 +94,7 @@ def abmg_select(
     noise: torch.Tensor | None = None,
     relative_noise: bool = False,
 ) -> MaskSelection:
-    """MAE-style ``argsort`` selection (DESIGN §3.2): mask the most salient ``N - num_keep`` patches.
+    """MAE-style ``argsort`` selection (docs/method.md §3.2): mask the most salient ``N - num_keep`` patches.
 
     Order = (value descending, index ascending), value from :func:`selection_values`.
     """
@@ -162,14 +162,14 @@ def abmg_mask_and_gather_full(
 
 
 # --------------------------------------------------------------------------------------------
-# Losses (DESIGN §3.6–3.8) — see below.
+# Losses (docs/method.md §3.6–3.8) — see below.
 # --------------------------------------------------------------------------------------------
 
 
 def debiased_center_loss(
     features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, class_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The common distance-matrix center loss, with class weights (DESIGN §3.6).
+    """The common distance-matrix center loss, with class weights (docs/method.md §3.6).
 
     ``‖f‖² + ‖c‖² − 2 f cᵀ`` for every (sample, class) pair (B, C), masked to each sample's own
     class, clamped at 0 (the expansion can dip below), summed per sample, weighted by
@@ -192,7 +192,7 @@ def debiased_center_loss(
 def center_update_(
     features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, alpha: float
 ) -> torch.Tensor:
-    """Wen et al. update as a separate pass (DESIGN §3.7), vectorised with ``index_add_``:
+    """Wen et al. update as a separate pass (docs/method.md §3.7), vectorised with ``index_add_``:
     ``c_j ← c_j − α·Σ_{i: y_i = j}(c_j − f_i) / (1 + n_j)``, in place; returns ``centers``."""
     with torch.no_grad():
         f = features.detach().to(centers.dtype)
@@ -210,7 +210,7 @@ def supcon_loss(
     base_temperature: float = 0.07,
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Khosla et al. ``SupConLoss`` (contrast_mode "all"), as in their reference code (DESIGN §3.8).
+    """Khosla et al. ``SupConLoss`` (contrast_mode "all"), as in their reference code (docs/method.md §3.8).
 
     features (B, V, D) L2-normalised, labels (B,). Differences from the original, as the spec asks:
     anchors without a positive are excluded from the mean (the original counts them as 0), and

@@ -1,4 +1,4 @@
-"""Supervised contrastive loss (Khosla et al. 2020, DESIGN §3.8) in plain PyTorch ops.
+"""Supervised contrastive loss (Khosla et al. 2020, docs/method.md §3.8) in plain PyTorch ops.
 
 One (BV × BV) similarity matmul and a handful of elementwise / row reductions, no Python loops:
 small next to the encoder, and every op is fusable by ``torch.compile``.
@@ -30,7 +30,7 @@ def supcon_loss(
     base_temperature: float = 0.07,
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Supervised contrastive loss over ``V`` views (DESIGN §3.8).
+    """Supervised contrastive loss over ``V`` views (docs/method.md §3.8).
 
     Every one of the ``B·V`` embeddings is an anchor; its positives are all other embeddings with
     the same label (the other views of the same sample included), its denominator runs over all

@@ -1,4 +1,4 @@
-// CUDA kernels of the debiased center loss (DESIGN §3.6) and the center update (§3.7). Same
+// CUDA kernels of the debiased center loss (docs/method.md §3.6) and the center update (§3.7). Same
 // schemas and semantics as the CPU kernels in ../center_loss.cpp (see the table there).
 //
 // * loss_forward_kernel — one block per sample, one pass over the features: the loss and the
