@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -275,6 +276,58 @@ def preempt(stop: StopSignals, write: Callable[[], Path | None], stage: str, whe
         print(f"amgsn {stage}: {signal.Signals(stop.agreed).name} received, stopped after {where}; saved {path} "
               f"(continue with --resume {path})", file=sys.stderr, flush=True)
     raise Preempted(stop.agreed, str(path))
+
+
+class EpochTally:
+    """One epoch's log sums (on the device: no host sync per step), skipped steps and seconds —
+    carried across a stop inside the epoch.
+
+    ``saved`` is a checkpoint's ``in_epoch`` entry when this is the epoch the run stopped in: the
+    loader then starts at :attr:`first_batch`, rank 0 starts from the saved sums (they are over all
+    ranks) and the other ranks from zero, so the epoch's log record comes out as if never stopped.
+    """
+
+    def __init__(self, epoch: int, batches_per_epoch: int, width: int, device: str, guard: NonFiniteGuard,
+                 saved: dict[str, Any] | None = None) -> None:
+        saved = saved if saved is not None and saved["epoch"] == epoch else None
+        self.epoch, self.batches_per_epoch, self.guard = epoch, batches_per_epoch, guard
+        self.first_batch = saved["batches"] if saved else 0
+        self.sums = torch.zeros(width, dtype=torch.float64, device=device)
+        self.skipped_before, self.seconds_before = guard.total, 0.0
+        if saved:
+            if distributed.info().is_main:
+                self.sums += torch.tensor(saved["sums"], dtype=torch.float64, device=device)
+            self.skipped_before -= saved["skipped"]
+            self.seconds_before = saved["seconds"]
+        self.start = time.perf_counter()
+
+    @property
+    def skipped(self) -> int:
+        return self.guard.total - self.skipped_before
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def position(self, batches: int) -> dict[str, Any]:
+        """The ``in_epoch`` entry of a checkpoint after ``batches`` batches (a collective)."""
+        return {"epoch": self.epoch, "batches": batches, "sums": distributed.all_reduce_sum(self.sums.clone()).tolist(),
+                "skipped": self.skipped, "seconds": self.seconds()}
+
+
+def save_inside_epoch(stop: StopSignals, tally: EpochTally, batches: int, every_steps: int | None,
+                      stepped: bool, global_step: int, save: Callable[[dict[str, Any]], Path | None],
+                      where: str) -> None:
+    """At an optimizer-step boundary inside an epoch: on an agreed stop signal write the checkpoint
+    and :func:`preempt`; every ``every_steps`` optimizer steps just write it. ``save(position)``
+    writes checkpoint-last.pth (every rank calls it: collectives), ``where`` names the stage."""
+    periodic = stepped and every_steps is not None and global_step % every_steps == 0
+    if not (stop.agreed or periodic):
+        return
+    position = tally.position(batches)
+    if stop.agreed:
+        preempt(stop, lambda: save(position), where,
+                f"step {global_step} (epoch {tally.epoch}, batch {batches} of {tally.batches_per_epoch})")
+    save(position)
 
 
 class NonFiniteGuard:

@@ -34,6 +34,7 @@ from amgsn.engine import checkpoint as ckpt
 from amgsn.engine import distributed
 from amgsn.engine.common import (
     PROGRESS_EVERY,
+    EpochTally,
     JsonlLog,
     NonFiniteGuard,
     StopSignals,
@@ -43,6 +44,7 @@ from amgsn.engine.common import (
     effective_lr,
     preempt,
     resolve_device,
+    save_inside_epoch,
     write_config,
 )
 from amgsn.engine.inference import predict_dataset, prediction_loader
@@ -488,22 +490,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             if done:
                 break
             model.train()
-            first_batch = in_epoch["batches"] if in_epoch is not None and epoch == in_epoch["epoch"] else 0
-            loader = train_loader.epoch(epoch, first_batch)
-            # loss, ce, center, supcon (sample-weighted), images: summed on the device, so a step costs no
-            # host sync beyond the non-finite check (the progress bar reads it every PROGRESS_EVERY
-            # steps). A resumed epoch starts from the sums over all ranks saved with it.
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
-            skipped_before, seconds_before = guard.total, 0.0
-            if first_batch:
-                if dist.is_main:
-                    sums += torch.tensor(in_epoch["sums"], dtype=torch.float64, device=device)
-                skipped_before -= in_epoch["skipped"]
-                seconds_before = in_epoch["seconds"]
-            start = time.perf_counter()
+            # Log sums: loss, ce, center, supcon (sample-weighted), images — on the device, so a step costs
+            # no host sync beyond the non-finite check (the progress bar reads them every PROGRESS_EVERY).
+            tally = EpochTally(epoch, steps_per_epoch, 5, device, guard, in_epoch)
+            sums = tally.sums
+            loader = train_loader.epoch(epoch, tally.first_batch)
             bar = tqdm(loader, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                        disable=not (cfg.progress and dist.is_main))
-            for i, (imgs, labels, _idx) in enumerate(bar, start=first_batch):
+            for i, (imgs, labels, _idx) in enumerate(bar, start=tally.first_batch):
                 # Two views -> one 2B batch through the encoder; CE and center loss see both views.
                 x = torch.cat(imgs) if isinstance(imgs, (list, tuple)) else imgs
                 x = x.to(device, non_blocking=True)
@@ -533,19 +527,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     done = global_step >= total_steps
                 # Inside the epoch: a stop signal, or --save-every-steps.
                 if i + 1 < steps_per_epoch and not done:
-                    periodic = stepped and cfg.save_every_steps and global_step % cfg.save_every_steps == 0
-                    if stop.agreed or periodic:
-                        position = {"epoch": epoch, "batches": i + 1,
-                                    "sums": distributed.all_reduce_sum(sums.clone()).tolist(),
-                                    "skipped": guard.total - skipped_before,
-                                    "seconds": seconds_before + time.perf_counter() - start}
-                        if stop.agreed:
-                            preempt(stop, lambda p=position, e=epoch: save(e, p), "finetune",
-                                    f"step {global_step} (epoch {epoch}, batch {i + 1} of {steps_per_epoch})")
-                        save(epoch, position)
+                    save_inside_epoch(stop, tally, i + 1, cfg.save_every_steps, stepped, global_step,
+                                      partial(save, epoch), "finetune")
                 if done:
                     break
-            elapsed = seconds_before + time.perf_counter() - start
+            elapsed = tally.seconds()
             totals = distributed.all_reduce_sum(sums).tolist()
             n = max(totals[4], 1.0)
             metrics = _validate(model, val, val_loader, cfg, device)
@@ -554,7 +540,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "loss": totals[0] / n, "loss_ce": totals[1] / n, "loss_center": totals[2] / n,
                 "loss_supcon": totals[3] / n, "lr": max(g["lr"] for g in optimizer.param_groups),
                 **metrics, "images_per_s": totals[4] / max(elapsed, 1e-9),
-                "skipped_steps": guard.total - skipped_before, "seconds": elapsed,
+                "skipped_steps": tally.skipped, "seconds": elapsed,
                 "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
             }
             score = metrics["val_mean_class_accuracy"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from amgsn.engine import checkpoint as ckpt
 from amgsn.engine import distributed
 from amgsn.engine.common import (
     PROGRESS_EVERY,
+    EpochTally,
     JsonlLog,
     NonFiniteGuard,
     StopSignals,
@@ -32,6 +34,7 @@ from amgsn.engine.common import (
     effective_lr,
     preempt,
     resolve_device,
+    save_inside_epoch,
     write_config,
 )
 from amgsn.masking import MaskingPolicy, RatioBank
@@ -257,23 +260,15 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             if done:
                 break
             model.train()
-            first_batch = in_epoch["batches"] if in_epoch is not None and epoch == in_epoch["epoch"] else 0
-            loader = train_loader.epoch(epoch, first_batch)
-            # Summed on the device: no host sync per step for the log (the progress bar reads it every
-            # PROGRESS_EVERY steps; MRUS's bank update needs the per-image losses on the host anyway).
-            # loss x images, images; a resumed epoch starts from the sums over all ranks saved with it.
-            sums = torch.zeros(2, dtype=torch.float64, device=device)
-            skipped_before, seconds_before = guard.total, 0.0
-            if first_batch:
-                if dist.is_main:
-                    sums += torch.tensor(in_epoch["sums"], dtype=torch.float64, device=device)
-                skipped_before -= in_epoch["skipped"]
-                seconds_before = in_epoch["seconds"]
-            start = time.perf_counter()
+            # Log sums: loss x images, images (the progress bar reads them every PROGRESS_EVERY steps;
+            # MRUS's bank update needs the per-image losses on the host anyway).
+            tally = EpochTally(epoch, local_batches, 2, device, guard, in_epoch)
+            sums = tally.sums
+            loader = train_loader.epoch(epoch, tally.first_batch)
             bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
             optimizer.zero_grad(set_to_none=True)
-            for i, (imgs, _labels, indices) in enumerate(bar, start=first_batch):
+            for i, (imgs, _labels, indices) in enumerate(bar, start=tally.first_batch):
                 imgs = imgs.to(device, non_blocking=True)
                 ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
                 with autocast(device):
@@ -304,19 +299,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                 # Between optimizer steps and inside the epoch: a stop signal, or --save-every-steps.
                 if (i + 1) % cfg.accum == 0 and i + 1 < local_batches and not done:
-                    periodic = stepped and cfg.save_every_steps and global_step % cfg.save_every_steps == 0
-                    if stop.agreed or periodic:
-                        position = {"epoch": epoch, "batches": i + 1,
-                                    "sums": distributed.all_reduce_sum(sums.clone()).tolist(),
-                                    "skipped": guard.total - skipped_before,
-                                    "seconds": seconds_before + time.perf_counter() - start}
-                        if stop.agreed:
-                            preempt(stop, lambda p=position, e=epoch: save_last(e, p), "pretrain",
-                                    f"step {global_step} (epoch {epoch}, batch {i + 1} of {local_batches})")
-                        save_last(epoch, position)
+                    save_inside_epoch(stop, tally, i + 1, cfg.save_every_steps, stepped, global_step,
+                                      partial(save_last, epoch), "pretrain")
                 if done:
                     break
-            elapsed = seconds_before + time.perf_counter() - start
+            elapsed = tally.seconds()
             totals = distributed.all_reduce_sum(sums).tolist()
             counts, edges = bank.histogram(10)
             summary = bank.summary()
@@ -326,7 +313,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "mask_mode": cfg.mask_mode, "abmg_active": policy.uses_abmg(epoch),
                 "ratio_mean": summary["mean"], "ratio_min": summary["min"], "ratio_max": summary["max"],
                 "ratio_hist": {"edges": edges, "counts": counts},
-                "images_per_s": totals[1] / max(elapsed, 1e-9), "skipped_steps": guard.total - skipped_before,
+                "images_per_s": totals[1] / max(elapsed, 1e-9), "skipped_steps": tally.skipped,
                 "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's cost
             }
             log.write(record)
