@@ -130,7 +130,7 @@ MASKING_CASES = [
 
 
 def center_loss_step(device: str, C: int, dtype: torch.dtype | None = None, *, B: int = 256, D: int = 768,
-                     fused_stats: bool = False, check_finite: bool = True):
+                     fused_stats: bool = False, check_finite: bool | None = None):
     """Ours = ``DebiasedCenterLoss`` (compiled op), or with ``fused_stats`` the forward that also
     returns the per-class statistics + ``center_apply_``; reference = distance-matrix loss +
     autograd + a separate ``index_add_`` update. float32 on CPU, bf16 features on CUDA by default."""

@@ -49,6 +49,17 @@ constexpr int64_t kMinParallelElems = 1 << 18;
 
 int64_t num_col_blocks(int64_t D) { return (D + kColBlock - 1) / kColBlock; }
 
+// Scratch of the calling thread, reused across calls (the "persistent workspace": no per-call heap
+// allocation once a shape has been seen). Each use takes its own slot; contents are uninitialised.
+enum Scratch { kRowSq, kParts, kStarts, kOrder, kNumScratch };
+template <typename T>
+T* scratch(Scratch slot, int64_t n) {
+  thread_local std::vector<T> buffers[kNumScratch];
+  std::vector<T>& buf = buffers[slot];
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 void check_alpha(double alpha) {
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0.0 && alpha <= 1.0, "alpha must lie in [0, 1], got ",
                     alpha);
@@ -100,7 +111,7 @@ template <typename scalar_t, typename acc_t, bool kLoss>
 void stats_pass(const scalar_t* f, const int64_t* y, const acc_t* c, int64_t B, int64_t C, int64_t D,
                 double* row_sq, acc_t* sums) {
   const int64_t nb = num_col_blocks(D);
-  std::vector<acc_t> part(kLoss ? static_cast<size_t>(nb * B) : 0);
+  acc_t* part = kLoss ? scratch<acc_t>(kParts, nb * B) : nullptr;
   const int64_t grain = (B + C) * D < kMinParallelElems ? nb : 1;
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -153,13 +164,13 @@ void forward_impl(const Tensor& f, const Tensor& y, const Tensor& c, const Tenso
                         wp[j], " must be finite and >= 0");
     }
   }
-  std::vector<double> row_sq(static_cast<size_t>(B));
+  double* row_sq = scratch<double>(kRowSq, B);
   if (with_stats) {
-    stats_pass<scalar_t, acc_t, true>(fp, yp, cp, B, C, D, row_sq.data(), sums.data_ptr<acc_t>());
+    stats_pass<scalar_t, acc_t, true>(fp, yp, cp, B, C, D, row_sq, sums.data_ptr<acc_t>());
     int64_t* np = counts.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) ++np[yp[i]];
   } else {
-    loss_pass<scalar_t, acc_t>(fp, yp, cp, B, D, row_sq.data());
+    loss_pass<scalar_t, acc_t>(fp, yp, cp, B, D, row_sq);
   }
   // Final reduction over rows, ascending, in double: fixed order, B values.
   double num = 0.0, wsum = 0.0;
@@ -322,20 +333,22 @@ void update_impl(const Tensor& f, const int64_t* y, Tensor& c, double alpha) {
   const int64_t B = f.size(0), D = f.size(1), C = c.size(0);
   const scalar_t* fp = f.data_ptr<scalar_t>();
   cen_t* cp = c.data_ptr<cen_t>();
-  std::vector<int64_t> start(static_cast<size_t>(C) + 1, 0);
+  // starts[0..C] (class segment starts), then present[0..P) and the cursors pos[0..C), in one slot.
+  int64_t* start = scratch<int64_t>(kStarts, 3 * C + 1);
+  int64_t* present = start + C + 1;
+  int64_t* pos = present + C;
+  std::fill(start, start + C + 1, int64_t(0));
   for (int64_t i = 0; i < B; ++i) ++start[y[i] + 1];
-  std::vector<int64_t> present;
+  int64_t num_present = 0;
   for (int64_t j = 0; j < C; ++j) {
-    if (start[j + 1] > 0) present.push_back(j);
+    if (start[j + 1] > 0) present[num_present++] = j;
     start[j + 1] += start[j];
   }
-  std::vector<int64_t> order(static_cast<size_t>(B));
-  {
-    std::vector<int64_t> pos(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < B; ++i) order[pos[y[i]]++] = i;
-  }
+  int64_t* order = scratch<int64_t>(kOrder, B);
+  std::copy(start, start + C, pos);
+  for (int64_t i = 0; i < B; ++i) order[pos[y[i]]++] = i;
   const int64_t nb = num_col_blocks(D);
-  const int64_t tasks = static_cast<int64_t>(present.size()) * nb;
+  const int64_t tasks = num_present * nb;
   const int64_t grain = B * D < kMinParallelElems ? std::max<int64_t>(tasks, 1) : 1;
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     acc_t buf[kColBlock];

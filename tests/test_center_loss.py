@@ -145,6 +145,76 @@ def test_update_dtypes(seed, fdtype, cdtype):
     torch.testing.assert_close(got.double(), _expected_update(f, y, c, 0.5), rtol=tol, atol=tol)
 
 
+# Many classes (issue 18): C = 1000 with most classes absent, C > B, odd sizes, more rows than a
+# CUDA segment tile (1024); the update walks class segments, not all labels per class.
+LARGE_C_SHAPES = [(257, 67, 1000), (1030, 19, 997), (64, 33, 65)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B,D,C", LARGE_C_SHAPES)
+def test_large_class_counts_match_reference(seed, dtype, B, D, C):
+    gen = torch.Generator().manual_seed(seed)
+    f, y, c, w = _inputs(B, D, C, gen, dtype)
+    y[: B // 3] = y[0]  # one crowded class next to many single-sample and absent ones
+    f.requires_grad_()
+    k = float(torch.rand((), generator=gen)) + 0.5
+    loss, stats = debiased_center_loss_with_stats(f, y, c, w)
+    (k * loss).backward()
+    want_loss, want_grad = _ref64(f, y, c, w)
+    _close(loss, want_loss, dtype)
+    # a bf16 loss's upstream gradient is bf16: the op reads that value as it is
+    k_seen = torch.tensor(k, dtype=dtype).double().item()
+    _close(f.grad, k_seen * want_grad, dtype)
+    assert torch.equal(stats.counts, torch.bincount(y, minlength=C))
+    want_sums = torch.zeros(C, D, dtype=torch.float64).index_add_(0, y, f.detach().double() - c.double()[y])
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(stats.delta_sums.double(), want_sums, rtol=tol, atol=tol)
+    want = _expected_update(f.detach(), y, c, 0.5)
+    got = center_update_(f.detach(), y, c.clone(), 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    absent = torch.bincount(y, minlength=C) == 0
+    assert absent.any() and torch.equal(got[absent], c[absent])
+
+
+def test_scratch_reuse_across_shapes(seed):
+    # The CPU kernels keep their scratch between calls (no per-call allocation): a call after a larger
+    # or a differently shaped one must not see its leftovers (stale class starts, counts, row sums).
+    gen = torch.Generator().manual_seed(seed)
+    for B, D, C in [(300, 40, 900), (9, 5, 3), (520, 640, 7), (4, 3, 1000), (33, 17, 2)]:
+        f, y, c, w = _inputs(B, D, C, gen)
+        want_loss, _ = _ref64(f, y, c, w)
+        _close(debiased_center_loss(f, y, c, w), want_loss, torch.float32)
+        loss, stats = debiased_center_loss_with_stats(f, y, c, w)
+        _close(loss, want_loss, torch.float32)
+        assert torch.equal(stats.counts, torch.bincount(y, minlength=C))
+        got = center_update_(f, y, c.clone(), 0.5)
+        torch.testing.assert_close(got.double(), _expected_update(f, y, c, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_check_finite_default_per_device():
+    from amgsn.ops.center_loss import resolve_check_finite
+
+    # CPU: checked (no sync to save); CUDA: deferred to the loss value, which the training loop's
+    # NonFiniteGuard reads at its one sync per step.
+    assert resolve_check_finite(None, torch.device("cpu")) is True
+    assert resolve_check_finite(None, torch.device("cuda", 0)) is False
+    assert resolve_check_finite(True, torch.device("cuda", 0)) is True
+    assert resolve_check_finite(False, torch.device("cpu")) is False
+    with pytest.raises(TypeError, match="check_finite"):
+        resolve_check_finite(1, torch.device("cpu"))
+    with pytest.raises(TypeError, match="check_finite"):
+        DebiasedCenterLoss(3, 4, check_finite="yes")
+    # Unchecked, a non-finite feature or center always shows in the loss (rows only add up >= 0).
+    f, y, c, w = _base()
+    for value in (math.nan, math.inf, -math.inf):
+        bad = f.clone()
+        bad[5, 0] = value
+        assert not math.isfinite(debiased_center_loss(bad, y, c, w, check_finite=False).item())
+        bad_c = c.clone()
+        bad_c[y[0], 1] = value
+        assert not math.isfinite(debiased_center_loss(f, y, bad_c, w, check_finite=False).item())
+
+
 def test_zero_weight_and_empty_batches(seed):
     gen = torch.Generator().manual_seed(seed)
     f, y, c, w = _inputs(12, 10, 4, gen)
@@ -534,12 +604,79 @@ def test_cuda_deterministic_and_bad_values(seed):
     bad = f.clone()
     bad[3, 7] = math.nan
     with pytest.raises(ValueError, match="features contains non-finite"):
-        debiased_center_loss(bad, y, c, w)
-    debiased_center_loss(bad, y, c, w, check_finite=False)
+        debiased_center_loss(bad, y, c, w, check_finite=True)
+    # the CUDA default does not check (no sync): the NaN shows in the loss instead
+    assert math.isnan(debiased_center_loss(bad, y, c, w).item())
     w2 = w.clone()
     w2[0] = -1
     with pytest.raises(ValueError, match="class_weights"):
-        debiased_center_loss(f, y, c, w2)
+        debiased_center_loss(f, y, c, w2, check_finite=True)
+    # the flag word is per call: a clean call after a flagged one passes
+    debiased_center_loss(f, y, c, w, check_finite=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,D,C", [(257, 67, 1000), (1030, 19, 997), (2500, 40, 9000), (33, 300, 33)])
+def test_cuda_segmented_classes_match_reference(seed, B, D, C):
+    # C > 32 takes the segmented path (counting sort by class); 9000 classes keep the sort's cursors
+    # in global memory; B > 1024 spans several placement tiles; a crowded class sits among many absent ones.
+    gen = torch.Generator().manual_seed(seed)
+    f, y, c, w = _inputs(B, D, C, gen, torch.bfloat16)
+    y[: B // 3] = y[0]
+    fc = f.cuda().requires_grad_()
+    yc, cc, wc = y.cuda(), c.cuda(), w.cuda()
+    loss, stats = debiased_center_loss_with_stats(fc, yc, cc, wc)
+    loss.backward()
+    want_loss, want_grad = _ref64(f, y, c, w)
+    _close(loss.cpu(), want_loss, torch.bfloat16)
+    _close(fc.grad.cpu(), want_grad, torch.bfloat16)
+    cpu_stats = center_stats(f, y, c)
+    assert torch.equal(stats.counts.cpu(), cpu_stats.counts)
+    torch.testing.assert_close(stats.delta_sums.cpu(), cpu_stats.delta_sums, rtol=1e-4, atol=1e-4)
+    assert torch.equal(center_stats(fc, yc, cc).delta_sums, stats.delta_sums)
+    got = center_update_(fc.detach(), yc, cc.clone(), 0.5).cpu()
+    torch.testing.assert_close(got.double(), _expected_update(f, y, c, 0.5), rtol=1e-4, atol=1e-4)
+    absent = torch.bincount(y, minlength=C) == 0
+    assert absent.any() and torch.equal(got[absent], c[absent])
+    # deterministic: the same bits again (the workspace is reused, its counters reset by the kernels)
+    assert torch.equal(center_update_(fc.detach(), yc, cc.clone(), 0.5).cpu(), got)
+    assert torch.equal(debiased_center_loss_with_stats(fc, yc, cc, wc)[1].delta_sums, stats.delta_sums)
+
+
+@pytest.mark.cuda
+def test_cuda_label_paths_agree_bitwise(seed):
+    # The same rows summed in the same (index) order: the few-class kernel (C <= 32) and the segmented
+    # one (C > 32, here 40 classes of which the batch uses the first 10) give identical bits.
+    gen = torch.Generator().manual_seed(seed)
+    f, y, c, _ = (t.cuda() for t in _inputs(700, 131, 10, gen))
+    c_big = torch.cat([c, torch.randn(30, 131, generator=gen).cuda()])
+    small, big = center_stats(f, y, c), center_stats(f, y, c_big)
+    assert torch.equal(small.delta_sums, big.delta_sums[:10]) and torch.equal(small.counts, big.counts[:10])
+    assert torch.count_nonzero(big.counts[10:]) == 0 and torch.count_nonzero(big.delta_sums[10:]) == 0
+    upd_small = center_update_(f, y, c.clone(), 0.3)
+    upd_big = center_update_(f, y, c_big.clone(), 0.3)
+    assert torch.equal(upd_small, upd_big[:10]) and torch.equal(upd_big[10:], c_big[10:])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C", [7, 1000])
+def test_cuda_default_step_makes_no_host_sync(seed, C):
+    # forward + backward + update of the module, bf16 features, default check_finite: no host sync.
+    gen = torch.Generator().manual_seed(seed)
+    m = DebiasedCenterLoss(C, 96, class_counts=torch.randint(1, 50, (C,), generator=gen)).cuda()
+    f = torch.randn(256, 96, generator=gen).cuda().bfloat16().requires_grad_()
+    y = torch.randint(0, C, (256,), generator=gen).cuda()
+    m(f, y).backward()  # warm-up (arch probe, workspace)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            f.grad = None
+            m(f, y).backward()
+            m.update_centers(f, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert f.grad.dtype == torch.bfloat16 and torch.isfinite(f.grad.float()).all()
 
 
 @pytest.mark.cuda

@@ -85,7 +85,10 @@ class DebiasedCenterLoss(nn.Module):
         class_weights: explicit (C,) weights (finite, >= 0) instead of counts.
         weighting: "inverse" | "effective" | "none"; beta: β of "effective".
         alpha: center step size α in [0, 1].
-        check_finite: raise ValueError on non-finite features (CUDA: one host sync per call).
+        check_finite: raise ValueError on non-finite features / centers. ``None`` (default):
+            checked on the CPU; on CUDA not (no host sync) — a non-finite input makes the loss
+            non-finite, which the training loops' NonFiniteGuard checks at the step's one sync.
+            ``True`` forces the check on CUDA too (one host sync per call), ``False`` skips it.
 
     Centers start at 0 (identical on every rank without communication; the first update moves
     each seen class to ``α·n/(1+n)`` of its batch mean). Buffers: ``centers`` (C, D) float32,
@@ -102,7 +105,7 @@ class DebiasedCenterLoss(nn.Module):
         beta: float = 0.9999,
         alpha: float = 0.5,
         *,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("feat_dim", feat_dim)):
@@ -129,6 +132,8 @@ class DebiasedCenterLoss(nn.Module):
             w = torch.ones(num_classes)
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.weighting, self.beta, self.alpha = weighting, beta, float(alpha)
+        if check_finite is not None and not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool or None, got {type(check_finite).__name__}")
         self.check_finite = check_finite
         self.register_buffer("centers", torch.zeros(num_classes, feat_dim))
         self.register_buffer("class_weights", w)

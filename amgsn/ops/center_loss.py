@@ -14,8 +14,13 @@ pass over the features; this module adds readable argument checks, fake-tensor s
   needs; they are additive over samples, which is what the distributed update all-reduces.
 
 Value checks: labels outside [0, C) raise ValueError on CPU and trip a device-side assert on CUDA
-(never an out-of-bounds access); with ``check_finite=True`` non-finite features / centers and
-negative or non-finite class weights raise ValueError (on CUDA at the cost of one host sync).
+(never an out-of-bounds access). Finiteness (``check_finite``): by default (``None``) checked on the
+CPU, where it rides on the pass the kernel makes anyway, and not on CUDA, where raising would cost a
+host sync per call. There a non-finite feature or center makes the loss itself non-finite (every
+row's ``w·½‖f − c‖²`` is non-negative, so nothing cancels), and the training loops check the loss at
+the step's one existing sync (``amgsn.engine.common.NonFiniteGuard``: skip the step, stop after
+several in a row). ``check_finite=True`` on CUDA restores the immediate ValueError (one sync);
+class weights are checked when ``DebiasedCenterLoss`` is built.
 """
 
 from __future__ import annotations
@@ -171,11 +176,21 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(features, labels, centers, class_weights, with_stats: bool, check_finite: bool):
+def resolve_check_finite(check_finite: bool | None, device: torch.device) -> bool:
+    """``check_finite=None`` -> checked on the CPU (no sync there), not on CUDA (see the module doc)."""
+    if check_finite is None:
+        return device.type == "cpu"
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool or None, got {type(check_finite).__name__}")
+    return check_finite
+
+
+def _forward(features, labels, centers, class_weights, with_stats: bool, check_finite: bool | None):
     _check_points(features, labels, centers)
     _check_class_weights(class_weights, centers)
+    check = resolve_check_finite(check_finite, features.device)
     return torch.ops.amgsn.center_loss_forward(
-        features, labels, _no_grad_view(centers), _no_grad_view(class_weights), with_stats, bool(check_finite)
+        features, labels, _no_grad_view(centers), _no_grad_view(class_weights), with_stats, check
     )
 
 
@@ -185,7 +200,7 @@ def debiased_center_loss(
     centers: torch.Tensor,
     class_weights: torch.Tensor,
     *,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     """Class-weighted center loss ``Σ_i w[y_i]·½‖f_i − c[y_i]‖² / Σ_i w[y_i]`` (docs/method.md §3.6).
 
@@ -194,7 +209,10 @@ def debiased_center_loss(
         labels: (B,) int64 in [0, C).
         centers: (C, D) float32 or float64 — receives no gradient.
         class_weights: (C,) float, finite and >= 0 — receives no gradient.
-        check_finite: raise ValueError on non-finite features / centers / weights (CUDA: one sync).
+        check_finite: raise ValueError on non-finite features / centers / weights. ``None``
+            (default): on the CPU yes, on CUDA no — a non-finite input then gives a non-finite loss,
+            which the training loop's NonFiniteGuard catches at its existing sync; ``True`` on
+            CUDA costs one host sync per call.
 
     Returns:
         A 0-dim tensor of ``features.dtype``; 0 when no sample carries weight (then its gradient is
@@ -209,7 +227,7 @@ def debiased_center_loss_with_stats(
     centers: torch.Tensor,
     class_weights: torch.Tensor,
     *,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> tuple[torch.Tensor, CenterStats]:
     """:func:`debiased_center_loss` plus the batch's :class:`CenterStats`, from the same pass.
 
