@@ -88,6 +88,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--teacher", default="online", choices=["online", "ema"])
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the teacher (--teacher ema)")
     p.add_argument("--impl", default="fused", choices=["fused", "reference"])
+    p.add_argument("--saliency-refresh", type=float, default=1.0, metavar="P",
+                   help="fraction of each batch the ABMG teacher sees (0 < P <= 1); below 1 the others read their "
+                        "saliency from a per-image bank (docs/method.md §4.4); 1 = exact ABMG")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
@@ -163,6 +166,10 @@ def _add_bench_step(sub) -> None:
     p.add_argument("--ratio-range", type=float, nargs=2, default=(0.5, 0.9), metavar=("LO", "HI"))
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="V",
+                   help="which of fused, fused_bank, reference, mae_random (default: all four)")
+    p.add_argument("--saliency-refresh", type=float, default=None, metavar="P",
+                   help="fused_bank's refresh fraction (default: amgsn.engine.bench_step.DEFAULT_REFRESH)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(func=_run_bench_step)
 
@@ -170,23 +177,31 @@ def _add_bench_step(sub) -> None:
 def _run_bench_step(args) -> int:
     import json
 
-    from amgsn.engine.bench_step import bench_step
+    from amgsn.engine.bench_step import VARIANTS, bench_step
 
     try:
         result = bench_step(model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                             batch_size=args.batch_size, ratio_range=tuple(args.ratio_range), device=args.device,
-                            steps=args.steps, depth=args.depth)
+                            steps=args.steps, depth=args.depth, saliency_refresh=args.saliency_refresh,
+                            variants=tuple(args.variants) if args.variants else VARIANTS)
     except _USER_ERRORS as e:
         return _fail("bench-step", e)
     if args.json:
         print(json.dumps(result))
         return 0
-    for name in ("fused", "reference", "mae_random"):
+    for name in VARIANTS:
+        if name not in result:
+            continue
         r = result[name]
+        extra = f"  P = {r['saliency_refresh']:g}" if "saliency_refresh" in r else ""
         print(f"{name:<11} {r['median_ms']:>10.1f} ms/step  {r['images_per_s']:>8.1f} img/s"
-              + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""))
-    print(f"fused vs reference: {result['fused_speedup_vs_reference']:.2f}x; "
-          f"fused / mae_random: {result['fused_over_mae_random']:.2f}")
+              + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else "") + extra)
+    for key, text in (("fused_speedup_vs_reference", "fused vs reference: {:.2f}x"),
+                      ("fused_over_mae_random", "fused / mae_random: {:.2f}"),
+                      ("reference_over_fused_bank", "reference / fused_bank: {:.2f}"),
+                      ("fused_bank_over_mae_random", "fused_bank / mae_random: {:.2f}")):
+        if key in result:
+            print(text.format(result[key]))
     return 0
 
 

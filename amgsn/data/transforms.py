@@ -7,10 +7,15 @@ All builders take an RGB ``PIL.Image`` (what every data set yields) and return a
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as tv_transforms
+from torchvision.transforms import functional as tv_functional
 
 
 def _check_size(image_size: int) -> None:
@@ -32,15 +37,61 @@ def build_pretrain_transform(
     hflip: float = 0.5,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    record_view: bool = False,
 ) -> Callable:
     """MAE pre-training: random resized crop + flip only (MAE found colour jitter unhelpful).
 
     The crop scale is milder than MAE's (0.2, 1): FER images are tight face crops, and a 20 %
     crop of a face often holds no expression at all.
+
+    ``record_view=True`` (the saliency bank, docs/method.md §4.4) returns ``(tensor, view)`` instead,
+    ``view`` the (5,) crop box and flip of :class:`ViewRecordingTransform`; the tensor is the same, drawn
+    from the same random numbers.
     """
     _check_size(image_size)
-    return create_transform(image_size, is_training=True, scale=_check_scale(scale), hflip=hflip,
-                            color_jitter=None, interpolation="bicubic", mean=tuple(mean), std=tuple(std))
+    tf = create_transform(image_size, is_training=True, scale=_check_scale(scale), hflip=hflip,
+                          color_jitter=None, interpolation="bicubic", mean=tuple(mean), std=tuple(std))
+    return ViewRecordingTransform(tf) if record_view else tf
+
+
+class ViewRecordingTransform:
+    """timm's pre-training transform (RandomResizedCrop, RandomHorizontalFlip, the rest) that also
+    returns the view it made: ``img -> (tensor, view)``, ``view`` = float32 ``(top, left, height,
+    width, flipped)`` — the crop box in fractions of the original image's height / width, and 1.0 if
+    the crop was flipped horizontally.
+
+    It draws exactly the random numbers the wrapped ``Compose`` draws, in the same order (the crop's
+    ``get_params`` from Python's ``random``, the flip's ``torch.rand(1)``), so ``tensor`` equals
+    ``transform(img)`` under the same seeds.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        steps = list(getattr(transform, "transforms", []))
+        if (len(steps) < 2 or not isinstance(steps[0], RandomResizedCropAndInterpolation)
+                or not isinstance(steps[1], tv_transforms.RandomHorizontalFlip)):
+            raise TypeError("transform must be a Compose starting with timm's RandomResizedCropAndInterpolation "
+                            f"and RandomHorizontalFlip (build_pretrain_transform), got {transform!r}")
+        self.transform = transform
+        self.crop, self.flip, self.rest = steps[0], steps[1], steps[2:]
+
+    def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        width, height = tv_functional.get_image_size(img)
+        crop = self.crop
+        i, j, h, w = crop.get_params(img, crop.scale, crop.ratio)
+        interpolation = crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        img = tv_functional.resized_crop(img, i, j, h, w, list(crop.size), interpolation)
+        flipped = bool(torch.rand(1) < self.flip.p)
+        if flipped:
+            img = tv_functional.hflip(img)
+        for t in self.rest:
+            img = t(img)
+        view = torch.tensor([i / height, j / width, h / height, w / width, float(flipped)], dtype=torch.float32)
+        return img, view
+
+    def __repr__(self) -> str:
+        return f"ViewRecordingTransform({self.transform!r})"
 
 
 def build_finetune_transform(

@@ -1,8 +1,11 @@
 """Whole pre-training step benchmark (``amgsn bench-step``): forward + backward + optimiser step.
 
-Three variants on the same random images and the same per-image ratios:
+Four variants on the same random images and the same per-image ratios:
 
 * ``fused``      — abmg_mrus with the fused op and the packed varlen encoder (ours);
+* ``fused_bank`` — the same with the saliency bank (docs/method.md §4.4): the teacher sees ``ceil(P * B)``
+  images per step, the others read the bank through a random crop box and flip; P =
+  :data:`DEFAULT_REFRESH` unless given. Timed with a *warm* bank: every image written once before;
 * ``reference``  — abmg_mrus the anchors' way: full last-block attention, argsort, padded encoder;
 * ``mae_random`` — plain MAE random masking at a fixed ratio (the mean of the per-image ratios):
   ``fused / mae_random`` is the price of ABMG's teacher pass.
@@ -22,9 +25,13 @@ from typing import Any
 import torch
 
 from amgsn.engine.common import autocast, resolve_device
-from amgsn.masking import MaskingPolicy, RatioBank
+from amgsn.masking import MaskingPolicy, RatioBank, SaliencyBank
 from amgsn.models import MaskedAutoencoderViT
 from amgsn.models.attention import resolve_backend
+
+VARIANTS = ("fused", "fused_bank", "reference", "mae_random")
+DEFAULT_REFRESH = 0.25  # fused_bank's P (docs/method.md §4.4; RESULTS.md "Issue 19" for the measured choice)
+CROP_SCALE = (0.35, 1.0)  # the pre-training transform's RandomResizedCrop scale (amgsn.data.transforms)
 
 # Dense bf16 tensor-core peak (datasheet, SXM): used for MFU on these cards.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
@@ -38,10 +45,13 @@ def _block_flops(tokens_per_seq: list[int] | torch.Tensor, width: int, mlp_ratio
     return float(linear + attention)
 
 
-def step_flops(model: MaskedAutoencoderViT, seqlens: torch.Tensor, teacher: bool) -> float:
-    """Model FLOPs of one training step with these per-image visible counts (B,)."""
+def step_flops(model: MaskedAutoencoderViT, seqlens: torch.Tensor, teacher: bool,
+               teacher_images: int | None = None) -> float:
+    """Model FLOPs of one training step with these per-image visible counts (B,); the teacher (if any)
+    runs on ``teacher_images`` images (default: all B)."""
     cfg = model.config
     B, N, D, p = seqlens.numel(), model.num_patches, model.embed_dim, model.patch_size
+    Bt = B if teacher_images is None else teacher_images
     Dd, depth, ddepth = cfg["decoder_embed_dim"], cfg["depth"], cfg["decoder_depth"]
     pix = p * p * model.in_chans
     fwd = 2.0 * B * N * pix * D  # patch embedding (every patch)
@@ -50,7 +60,7 @@ def step_flops(model: MaskedAutoencoderViT, seqlens: torch.Tensor, teacher: bool
     fwd += ddepth * _block_flops([N + 1] * B, Dd) + 2.0 * B * (N + 1) * Dd * pix  # decoder + head
     total = 3.0 * fwd
     if teacher:  # forward only: blocks[:-1] on full images, then the last block's q_cls and K
-        total += (depth - 1) * _block_flops([N + 1] * B, D) + 2.0 * B * (N + 1) * D * D + 2.0 * B * D * D
+        total += (depth - 1) * _block_flops([N + 1] * Bt, D) + 2.0 * Bt * (N + 1) * D * D + 2.0 * Bt * D * D
     return total
 
 
@@ -69,14 +79,19 @@ class _Variant:
 
     def __init__(self, variant: str, model: str, img_size: int, patch_size: int, depth: int | None,
                  imgs: torch.Tensor, bank_ratios: torch.Tensor, bounds: tuple[float, float], device: str,
-                 seed: int) -> None:
+                 seed: int, saliency_refresh: float = DEFAULT_REFRESH) -> None:
         torch.manual_seed(seed)
         batch_size = imgs.shape[0]
         self.imgs, self.device, self.indices = imgs, device, torch.arange(batch_size)
         self.net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
-        self.mode, impl = {"fused": ("abmg_mrus", "fused"), "reference": ("abmg_mrus", "reference"),
-                           "mae_random": ("random", "fused")}[variant]
+        self.mode, impl = {"fused": ("abmg_mrus", "fused"), "fused_bank": ("abmg_mrus", "fused"),
+                           "reference": ("abmg_mrus", "reference"), "mae_random": ("random", "fused")}[variant]
         self.policy = MaskingPolicy(self.mode, epochs=1, warmup_epochs=0, impl=impl)
+        self.saliency: SaliencyBank | None = None
+        self.view_gen = torch.Generator().manual_seed(seed + 1)
+        if variant == "fused_bank":
+            self.saliency = SaliencyBank(batch_size, img_size // patch_size, saliency_refresh, device)
+            self._warm_bank()
         self.fixed = {"ratios": bank_ratios.clone(), "loss_mean": None, "num_updates": 0}
         self.bank = RatioBank(batch_size, r0=float(bank_ratios.mean()), r_min=bounds[0], r_max=bounds[1])
         self.bank.load_state_dict(self.fixed)
@@ -87,12 +102,31 @@ class _Variant:
         self.times: list[float] = []
         self.peak_mib: float | None = None
 
+    def _views(self) -> torch.Tensor:
+        """(B, 5) random crop boxes (area in CROP_SCALE, square) and flips, as the pre-training transform."""
+        B = self.imgs.shape[0]
+        u = torch.rand(4, B, generator=self.view_gen)
+        side = (u[0] * (CROP_SCALE[1] - CROP_SCALE[0]) + CROP_SCALE[0]).sqrt()
+        top, left, flips = u[1] * (1 - side), u[2] * (1 - side), (u[3] < 0.5).float()
+        return torch.stack([top, left, side, side, flips], 1).to(self.device)
+
+    @torch.no_grad()
+    def _warm_bank(self) -> None:
+        """Every image through the teacher once, written into the bank (not timed)."""
+        with autocast(self.device):
+            scores = self.policy.teacher_scores(self.net, self.imgs)
+        self.saliency.write(self.indices, scores, self._views())
+
     def step(self) -> None:
         uses_bank = self.policy.uses_ratio_bank
         ratios = self.bank.ratios(self.indices) if uses_bank else self.fixed_ratio
+        views = self._views() if self.saliency is not None else None
         with autocast(self.device):
-            batch = self.policy.select(self.net, self.imgs, ratios, epoch=0)
+            batch = self.policy.select(self.net, self.imgs, ratios, epoch=0, bank=self.saliency, indices=self.indices,
+                                       views=views)
             out = self.net(self.imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
+        if batch.refreshed is not None:
+            self.saliency.write(batch.refreshed.indices, batch.refreshed.scores, batch.refreshed.views)
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,9 +158,12 @@ class _Variant:
     def summary(self) -> dict[str, Any]:
         median = statistics.median(self.times)
         batch_size = self.imgs.shape[0]
-        flops = step_flops(self.net, self.seqlens, teacher=self.mode != "random")
+        teacher_images = None if self.saliency is None else self.saliency.num_refresh(batch_size)
+        flops = step_flops(self.net, self.seqlens, teacher=self.mode != "random", teacher_images=teacher_images)
         entry = {"median_ms": round(median * 1e3, 2), "images_per_s": round(batch_size / median, 1),
                  "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
+        if self.saliency is not None:
+            entry["saliency_refresh"] = self.saliency.refresh
         if self.policy.encoder_path == "packed":  # which varlen attention the packed encoder ran on
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             entry["attn_backend"] = resolve_backend(self.net.attn_backend, torch.device(self.device), dtype)
@@ -151,10 +188,19 @@ def bench_step(
     warmup: int = 2,
     depth: int | None = None,
     seed: int = 0,
-    variants: tuple[str, ...] = ("fused", "reference", "mae_random"),
+    variants: tuple[str, ...] = VARIANTS,
+    saliency_refresh: float | None = None,
 ) -> dict[str, Any]:
-    """Median step time of each variant -> ``{"fused": {...}, "reference": {...}, "mae_random": {...}, ...}``."""
+    """Median step time of each variant -> ``{"fused": {...}, "fused_bank": {..., "saliency_refresh": P},
+    "reference": {...}, "mae_random": {...}, ...}`` (``saliency_refresh``: fused_bank's P, default
+    :data:`DEFAULT_REFRESH`)."""
     device = resolve_device(device)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"--variants must be some of {VARIANTS}, got {list(variants)}")
+    refresh = DEFAULT_REFRESH if saliency_refresh is None else saliency_refresh
+    if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0.0 < refresh <= 1.0:
+        raise ValueError(f"--saliency-refresh must lie in (0, 1], got {saliency_refresh!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
@@ -167,7 +213,7 @@ def bench_step(
     result: dict[str, Any] = {"config": {"model": model, "img_size": img_size, "patch_size": patch_size,
                                          "batch_size": batch_size, "ratio_range": [lo, hi], "device": device,
                                          "steps": steps, "torch": torch.__version__}}
-    runs = {v: _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi), device, seed)
+    runs = {v: _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi), device, seed, refresh)
             for v in variants}
     # Round-robin: step i of every variant runs back to back, so a slow spell of a shared machine
     # (other tenants, frequency changes) lands on all variants alike instead of on one of them.
@@ -180,4 +226,10 @@ def bench_step(
         result["fused_speedup_vs_reference"] = round(result["reference"]["median_ms"] / result["fused"]["median_ms"], 3)
     if "fused" in result and "mae_random" in result:
         result["fused_over_mae_random"] = round(result["fused"]["median_ms"] / result["mae_random"]["median_ms"], 3)
+    if "fused_bank" in result and "mae_random" in result:
+        result["fused_bank_over_mae_random"] = round(
+            result["fused_bank"]["median_ms"] / result["mae_random"]["median_ms"], 3)
+    if "fused_bank" in result and "reference" in result:
+        result["reference_over_fused_bank"] = round(
+            result["reference"]["median_ms"] / result["fused_bank"]["median_ms"], 3)
     return result

@@ -5,6 +5,12 @@ visible patches (random in warm-up, else the teacher's last-block CLS attention 
 salient masked), the packed encoder + decoder reconstruct, the per-image losses update the ratio
 bank. Output folder: ``config.json``, ``log.jsonl`` (one line per epoch), ``checkpoint-<e>.pth`` /
 ``checkpoint-last.pth`` (atomic), ``mask_gallery/{start,end}.npz``.
+
+``--saliency-refresh P`` < 1 (docs/method.md §4.4) adds the saliency bank: the loader hands each view's
+crop box and flip to the step, the teacher runs on ``ceil(P * B)`` images of the batch (never-seen first,
+then the oldest maps), the rest read their scores out of the bank; the ranks gather the refreshed maps
+so every rank's bank is the same; the bank is checkpointed; each epoch logs ``saliency_agreement``
+(Spearman, bank vs a fresh teacher pass, on a fixed probe batch). P = 1 is §4.1 exactly.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from amgsn.engine.common import (
     save_inside_epoch,
     write_config,
 )
-from amgsn.masking import MaskingPolicy, RatioBank
+from amgsn.masking import MaskingPolicy, RatioBank, SaliencyBank, SaliencyRefresh, spearman
+from amgsn.masking.saliency_bank import IDENTITY_VIEW
 from amgsn.models import MaskedAutoencoderViT
 from amgsn.models.sizes import DEFAULT_SIZE
 from amgsn.ops import abmg_select, cls_attention_scores
@@ -70,6 +77,7 @@ class PretrainConfig:
     teacher: str = "online"
     ema: float = 0.999
     impl: str = "fused"
+    saliency_refresh: float = 1.0  # P: fraction of each batch the teacher sees (< 1: the saliency bank, §4.4)
     epochs: int = 20
     batch_size: int = 64
     accum: int = 1
@@ -96,6 +104,13 @@ class PretrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise ValueError(f"--mask-ratio must lie in [0, 1], got {self.mask_ratio}")
+        if not 0.0 < self.saliency_refresh <= 1.0:
+            raise ValueError(f"--saliency-refresh must lie in (0, 1], got {self.saliency_refresh}")
+
+    @property
+    def uses_saliency_bank(self) -> bool:
+        """P < 1 with a saliency-guided mask mode: the saliency bank of docs/method.md §4.4."""
+        return self.saliency_refresh < 1.0 and self.mask_mode != "random"
 
 
 def _build_model(cfg: PretrainConfig) -> tuple[MaskedAutoencoderViT, PretrainConfig]:
@@ -118,13 +133,55 @@ def _load_train_set(cfg: PretrainConfig):
     from amgsn.data.transforms import build_pretrain_transform
 
     # Decode once: small sets are cached in memory (the loader must not be the step's bottleneck).
-    return build_dataset(cfg.dataset, cfg.data_dir, "train", transform=build_pretrain_transform(cfg.img_size),
-                         skip_bad=cfg.skip_bad, cache=cfg.cache_images)
+    # With the saliency bank each item is ((image, view), label, index): the same image, same draws.
+    tf = build_pretrain_transform(cfg.img_size, record_view=cfg.uses_saliency_bank)
+    return build_dataset(cfg.dataset, cfg.data_dir, "train", transform=tf, skip_bad=cfg.skip_bad,
+                         cache=cfg.cache_images)
+
+
+PROBE_SIZE = 64  # images in the saliency-agreement probe batch
+
+
+def _saliency_probe(dataset, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed probe batch of the saliency guard: ``PROBE_SIZE`` images spread over the training set,
+    each with one view drawn once from a seed of its own (epoch key -1: no training epoch draws it)
+    -> (indices (P,) CPU, images (P, C, H, W), views (P, 5)) on ``device``."""
+    from amgsn.engine.common import SeededItems
+
+    items = SeededItems(dataset, seed)
+    indices = torch.linspace(0, len(dataset) - 1, min(PROBE_SIZE, len(dataset))).round().long().unique()
+    imgs, views = zip(*(items[(-1, int(i))][0] for i in indices))
+    return indices, torch.stack(imgs).to(device), torch.stack(views).to(device)
 
 
 @torch.no_grad()
-def write_mask_gallery(model: MaskedAutoencoderViT, cfg: PretrainConfig, path: Path, device: str) -> None:
-    """A few faces per class with the patches ABMG masks (no noise: pure saliency) and random ones."""
+def saliency_agreement(policy: MaskingPolicy, model: MaskedAutoencoderViT, sal_bank: SaliencyBank,
+                       probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float | None:
+    """Mean over the probe images the bank has seen of the Spearman rank correlation between the bank's
+    scores for the probe views and a fresh teacher pass on the same views (None: none seen yet)."""
+    indices, imgs, views = probe
+    seen = sal_bank.seen(indices)
+    if not bool(seen.any()):
+        return None
+    stored = sal_bank.read(indices, views)
+    fresh = policy.teacher_scores(model, imgs)
+    rho = spearman(stored, fresh)
+    return float(rho[seen].mean())
+
+
+def _write_refreshed(sal_bank: SaliencyBank, refreshed: SaliencyRefresh, device: str) -> None:
+    """Every rank writes every rank's refreshed maps, in rank order: the banks stay identical."""
+    idx = distributed.all_gather_cat(refreshed.indices.to(device)).cpu()
+    scores = distributed.all_gather_cat(refreshed.scores.float())
+    views = distributed.all_gather_cat(refreshed.views.float())
+    sal_bank.write(idx, scores, views)
+
+
+@torch.no_grad()
+def write_mask_gallery(model: MaskedAutoencoderViT, cfg: PretrainConfig, path: Path, device: str,
+                       sal_bank: SaliencyBank | None = None) -> None:
+    """A few faces per class with the patches ABMG masks (no noise: pure saliency) and random ones; with
+    a saliency bank also the patches its stored maps mask (``bank_mask``, ``bank_seen``)."""
     from amgsn.data import build_dataset
     from amgsn.data.transforms import build_eval_transform
 
@@ -151,13 +208,20 @@ def write_mask_gallery(model: MaskedAutoencoderViT, cfg: PretrainConfig, path: P
     abmg = abmg_select(cls_attention_scores(q.float(), k.float()), cfg.mask_ratio).mask
     gen = torch.Generator().manual_seed(cfg.seed)
     rand = abmg_select(torch.zeros(B, N), cfg.mask_ratio, torch.rand(B, N, generator=gen)).mask
+    extra = {}
+    if sal_bank is not None:  # the bank's masks of the same (whole, unflipped) images, beside the fresh ones
+        views = torch.tensor([IDENTITY_VIEW] * B, device=device)
+        extra = {"bank_mask": abmg_select(sal_bank.read(picks, views), cfg.mask_ratio).mask.cpu().numpy(),
+                 "bank_seen": sal_bank.seen(picks).numpy()}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=np.stack(images), labels=np.asarray(labels), abmg_mask=abmg.cpu().numpy(),
                         random_mask=rand.numpy(), patch_size=np.asarray(cfg.patch_size),
-                        classes=np.asarray(list(raw.classes)))
+                        classes=np.asarray(list(raw.classes)), **extra)
 
 
-def _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch: int, global_step: int) -> dict:
+def _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch: int, global_step: int,
+                      sal_bank: SaliencyBank | None = None) -> dict:
+    extra = {} if sal_bank is None else {"saliency_bank": sal_bank.state_dict()}  # P = 1: today's layout
     return {
         "kind": "pretrain",
         "args": dataclasses.asdict(cfg),
@@ -169,6 +233,7 @@ def _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch: int, g
         "scaler": scaler.state_dict(),
         "ratio_bank": bank.state_dict(),
         "policy": policy.state_dict(),
+        **extra,
         **ckpt.rng_entries(),
     }
 
@@ -190,6 +255,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                            impl=cfg.impl, teacher=cfg.teacher, ema_decay=cfg.ema)
     bank = RatioBank(len(dataset), r0=cfg.mask_ratio, eta=cfg.eta, r_min=min(cfg.ratio_min, cfg.mask_ratio),
                      r_max=max(cfg.ratio_max, cfg.mask_ratio), momentum=cfg.ratio_momentum)
+    sal_bank = (SaliencyBank(len(dataset), cfg.img_size // cfg.patch_size, cfg.saliency_refresh, device,
+                             impl=cfg.impl) if cfg.uses_saliency_bank else None)
     from timm.optim import param_groups_weight_decay
 
     lr = effective_lr(cfg.blr, cfg.batch_size, cfg.accum, dist.world_size)
@@ -219,6 +286,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         bank.load_state_dict(state["ratio_bank"])
         policy.load_state_dict(state["policy"], model)
+        if sal_bank is not None and state.get("saliency_bank") is not None:
+            sal_bank.load_state_dict(state["saliency_bank"])
         ckpt.restore_rng(state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         in_epoch = state.get("in_epoch")
@@ -242,12 +311,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     done = global_step >= total_steps
     train_loader = TrainLoader(dataset, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                                workers=cfg.workers)
+    probe = None  # the saliency guard's fixed probe batch (built at the first epoch's end, rank 0)
 
     def save_last(epoch: int, position: dict[str, Any] | None) -> Path | None:
         """checkpoint-last.pth (rank 0; the per-rank RNG gather is a collective: every rank calls).
         ``position``: where inside ``epoch`` the run is, or None after the epoch's last step."""
         state = _checkpoint_state(cfg, model, optimizer, scaler, bank, policy, epoch - (position is not None),
-                                  global_step)
+                                  global_step, sal_bank)
         state["in_epoch"], state["guard"] = position, guard.state_dict()
         if not dist.is_main:
             return None
@@ -269,14 +339,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                        disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
             optimizer.zero_grad(set_to_none=True)
             for i, (imgs, _labels, indices) in enumerate(bar, start=tally.first_batch):
+                views = None
+                if sal_bank is not None:
+                    imgs, views = imgs
                 imgs = imgs.to(device, non_blocking=True)
                 ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
                 with autocast(device):
-                    batch = policy.select(model, imgs, ratios, epoch)
+                    batch = policy.select(model, imgs, ratios, epoch, bank=sal_bank, indices=indices, views=views)
                     result = ddp_model(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
                 stepped = False
                 if guard.check(result.loss.detach(), f"epoch {epoch} batch {i}", stop):
                     (result.loss / cfg.accum).backward()
+                    if batch.refreshed is not None:
+                        _write_refreshed(sal_bank, batch.refreshed, device)
                     if policy.uses_ratio_bank:
                         all_idx = distributed.all_gather_cat(indices.to(device)).cpu()
                         all_loss = distributed.all_gather_cat(result.per_image_loss.detach().float()).cpu()
@@ -316,6 +391,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "images_per_s": totals[1] / max(elapsed, 1e-9), "skipped_steps": tally.skipped,
                 "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's cost
             }
+            if sal_bank is not None:
+                if probe is None and dist.is_main:
+                    probe = _saliency_probe(dataset, cfg.seed, device)
+                record.update({"saliency_refresh": cfg.saliency_refresh, "saliency_coverage": sal_bank.coverage(),
+                               "saliency_agreement": saliency_agreement(policy, model, sal_bank, probe)
+                               if dist.is_main else None})
             log.write(record)
             path = save_last(epoch, None)
             if dist.is_main and cfg.progress:
@@ -324,7 +405,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             if stop.agreed and not done and epoch + 1 < cfg.epochs:
                 preempt(stop, lambda p=path: p, "pretrain", f"step {global_step} (the end of epoch {epoch})")
     if dist.is_main and record:
-        write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device)
+        write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device, sal_bank)
     distributed.barrier()
     return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-last.pth"),
             "ratio_bank": bank.all_ratios, "rank": dist.rank}

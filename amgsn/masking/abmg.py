@@ -27,8 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from amgsn.masking.saliency_bank import SaliencyBank, SaliencyRefresh
 from amgsn.models.vit_mae import MAEOutput, MaskedAutoencoderViT
-from amgsn.ops import MaskSelection, abmg_mask_and_gather, abmg_select, gather_visible
+from amgsn.ops import MaskSelection, abmg_mask_and_gather, abmg_select, cls_attention_scores, gather_visible
 from amgsn.ops import reference as ref_ops
 
 MODES = ("random", "abmg", "abmg_mrus")
@@ -38,12 +39,15 @@ TEACHERS = ("online", "ema")
 
 class MaskedBatch(NamedTuple):
     """visible (T, D) packed tokens (differentiable in the online model), the selection, which
-    encoder path to run ("packed" | "padded"), and whether ABMG (not random) chose the mask."""
+    encoder path to run ("packed" | "padded"), whether ABMG (not random) chose the mask, and — with a
+    saliency bank — what the teacher refreshed this step (for the caller to gather over ranks and
+    :meth:`~amgsn.masking.saliency_bank.SaliencyBank.write`)."""
 
     visible: torch.Tensor
     selection: MaskSelection
     encoder: str
     abmg: bool
+    refreshed: SaliencyRefresh | None = None
 
 
 class EMATeacher(nn.Module):
@@ -182,6 +186,17 @@ class MaskingPolicy:
             model.train(was_training)
         return q, k
 
+    @torch.no_grad()
+    def teacher_scores(self, model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tensor:
+        """A fresh teacher pass on ``imgs`` (B, C, H, W) -> (B, N) float32 CLS-attention scores."""
+        q, k = self._teacher_qk(model, imgs, model.embed_patches(imgs))
+        return self._scores(q, k)
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if self.impl == "fused":
+            return cls_attention_scores(q.float(), k.float())
+        return ref_ops.cls_attention_scores_full(q.float(), k.float())
+
     # ------------------------------------------------------------------ selection
 
     def select(
@@ -190,14 +205,28 @@ class MaskingPolicy:
         imgs: torch.Tensor,
         ratios: float | torch.Tensor,
         epoch: int,
+        *,
+        bank: SaliencyBank | None = None,
+        indices: torch.Tensor | None = None,
+        views: torch.Tensor | None = None,
     ) -> MaskedBatch:
         """Embed ``imgs`` (B, C, H, W) with the online ``model`` and choose the visible tokens.
 
         ``ratios``: a float, or (B,) per-image ratios. Noise is drawn from the global RNG on the
         images' device (so a fixed seed fixes the masks). Returns :class:`MaskedBatch`.
+
+        With a saliency ``bank`` whose refresh fraction P is below 1 (docs/method.md §4.4), pass the
+        batch's dataset ``indices`` (B,) and ``views`` (B, 5): the teacher then runs on the
+        ``bank.plan(indices)`` images only, the others' scores are read out of the bank, and
+        ``MaskedBatch.refreshed`` carries the fresh scores for the caller to write. P = 1 (or no bank)
+        is the exact ABMG of §4.1.
         """
         tokens = model.embed_patches(imgs)  # (B, N, D), with grad: the online model's input
         B, N, _ = tokens.shape
+        if bank is not None and bank.refresh < 1.0 and self.uses_abmg(epoch):
+            if indices is None or views is None:
+                raise ValueError("select with a saliency bank needs the batch's indices and views")
+            return self._select_with_bank(model, imgs, tokens, ratios, bank, indices, views)
         if not self.uses_abmg(epoch):
             noise = torch.rand(B, N, device=tokens.device)
             zeros = torch.zeros(B, N, device=tokens.device)
@@ -216,6 +245,28 @@ class MaskingPolicy:
         else:
             visible, sel = ref_ops.abmg_mask_and_gather_full(q, k, tokens, ratios, noise, relative_noise=True)
         return MaskedBatch(visible, sel, self.encoder_path, True)
+
+    def _select_with_bank(self, model: MaskedAutoencoderViT, imgs: torch.Tensor, tokens: torch.Tensor,
+                          ratios: float | torch.Tensor, bank: SaliencyBank, indices: torch.Tensor,
+                          views: torch.Tensor) -> MaskedBatch:
+        B, N, _ = tokens.shape
+        pos = bank.plan(indices)  # host-side: the refresh steps live on the CPU
+        pos_dev = pos.to(tokens.device, non_blocking=True)
+        sub_imgs = imgs.index_select(0, pos_dev) if self.teacher_kind == "ema" else imgs  # online: tokens only
+        q, k = self._teacher_qk(model, sub_imgs, tokens.detach().index_select(0, pos_dev))
+        fresh = self._scores(q, k)  # (k, N)
+        views = views.to(tokens.device, non_blocking=True)
+        scores = bank.read(indices, views).to(tokens.device).index_copy(0, pos_dev, fresh)
+        noise = torch.rand(B, N, device=tokens.device) * self.sigma
+        if self.impl == "fused":
+            sel = abmg_select(scores, ratios, noise, relative_noise=True)
+            visible = gather_visible(tokens, sel.ids_keep, sel.cu_seqlens, sel.max_seqlen)
+        else:
+            sel = ref_ops.abmg_select(scores, ratios, noise, relative_noise=True)
+            visible = ref_ops.gather_visible(tokens, sel.ids_keep, sel.cu_seqlens)
+        batch_idx = torch.as_tensor(indices).reshape(-1).cpu()
+        refreshed = SaliencyRefresh(batch_idx[pos], fresh, views.index_select(0, pos_dev))
+        return MaskedBatch(visible, sel, self.encoder_path, True, refreshed)
 
     def __call__(
         self, model: MaskedAutoencoderViT, imgs: torch.Tensor, ratios: float | torch.Tensor, epoch: int

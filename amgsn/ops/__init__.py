@@ -17,6 +17,7 @@ from amgsn.ops.masking import (
     gather_visible,
     scatter_visible,
 )
+from amgsn.ops.saliency import saliency_bank_read, saliency_bank_write_
 from amgsn.ops.supcon import supcon_loss
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "center_update_",
     "debiased_center_loss",
     "debiased_center_loss_with_stats",
+    "saliency_bank_read",
+    "saliency_bank_write_",
     "supcon_loss",
     "abmg_mask_and_gather",
     "abmg_select",

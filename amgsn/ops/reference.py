@@ -240,3 +240,70 @@ def supcon_loss(
     if class_weights is not None:
         weights = weights * class_weights.to(dtype)[labels.view(-1)].repeat(V)
     return (loss * weights).sum() / weights.sum().clamp_min(torch.finfo(dtype).tiny)
+
+
+# --------------------------------------------------------------------------------------------
+# Saliency bank (docs/method.md §4.4) — bilinear resampling through a view's crop box and flip
+# --------------------------------------------------------------------------------------------
+
+
+def _view_grid(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, Gh, Gw, 2) grid_sample grid (align_corners=False) from coordinates in [0, 1]: x (B, Gw), y (B, Gh)."""
+    return torch.stack(torch.broadcast_tensors(2 * x[:, None, :] - 1, 2 * y[:, :, None] - 1), dim=-1)
+
+
+def saliency_bank_read(
+    bank: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor
+) -> torch.Tensor:
+    """bank (M, Gh, Gw), indices (B,), boxes (B, 4) = (top, left, height, width) as fractions of the
+    original image, flips (B,) bool -> (B, Gh*Gw) float32: each view patch's centre mapped into the
+    original image, the bank sampled there bilinearly (``grid_sample``, border padding)."""
+    M, Gh, Gw = bank.shape
+    maps = bank[indices].float().unsqueeze(1)
+    dev = bank.device
+    xc = ((torch.arange(Gw, device=dev, dtype=torch.float32) + 0.5) / Gw).expand(len(indices), Gw)
+    yc = ((torch.arange(Gh, device=dev, dtype=torch.float32) + 0.5) / Gh).expand(len(indices), Gh)
+    xc = torch.where(flips[:, None], 1 - xc, xc)
+    b = boxes.float()
+    u = b[:, 1:2] + b[:, 3:4] * xc
+    v = b[:, 0:1] + b[:, 2:3] * yc
+    grid = _view_grid(u, v)
+    out = torch.nn.functional.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(len(indices), Gh * Gw)
+
+
+def saliency_bank_write_(
+    bank: torch.Tensor,
+    indices: torch.Tensor,
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    fresh: torch.Tensor,
+) -> torch.Tensor:
+    """Warp each view's scores (B, Gh*Gw) back into its image's bank map (in place; distinct indices).
+
+    Scores are min-max normalised per view (a constant view -> 0). Bank cell (i, j) has its centre
+    ((j+0.5)/Gw, (i+0.5)/Gh) in the original image; inside the view's crop box (edges included) it
+    takes the view's normalised scores sampled bilinearly (border padding) at that point, flipped
+    back; outside it keeps its value, unless the image is ``fresh`` (never seen) — then every cell
+    takes the sampled value (border extension). Returns ``bank``."""
+    M, Gh, Gw = bank.shape
+    B = len(indices)
+    s = scores.float().reshape(B, Gh * Gw)
+    lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+    span = hi - lo
+    s = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(s))
+    dev = bank.device
+    u = ((torch.arange(Gw, device=dev, dtype=torch.float32) + 0.5) / Gw).expand(B, Gw)
+    v = ((torch.arange(Gh, device=dev, dtype=torch.float32) + 0.5) / Gh).expand(B, Gh)
+    b = boxes.float()
+    x = (u - b[:, 1:2]) / b[:, 3:4]
+    y = (v - b[:, 0:1]) / b[:, 2:3]
+    inside = ((x >= 0) & (x <= 1))[:, None, :] & ((y >= 0) & (y <= 1))[:, :, None]
+    x = torch.where(flips[:, None], 1 - x, x)
+    grid = _view_grid(x, y)
+    sampled = torch.nn.functional.grid_sample(s.reshape(B, 1, Gh, Gw), grid, mode="bilinear",
+                                              padding_mode="border", align_corners=False)[:, 0]
+    write = inside | fresh.reshape(B, 1, 1)
+    bank[indices] = torch.where(write, sampled.to(bank.dtype), bank[indices])
+    return bank

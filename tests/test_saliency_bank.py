@@ -1,0 +1,283 @@
+"""Issue 19: the saliency bank (docs/method.md §4.4) — ops vs the grid_sample reference (C++ and Triton
+through the interpreter), hand-checked geometry, argument errors, the bank's refresh plan / write /
+checkpoint state, the view-recording transform, the policy's teacher-on-a-fraction path, and
+pre-training with P < 1 and P = 1."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amgsn.data.transforms import build_pretrain_transform
+from amgsn.engine.checkpoint import load_checkpoint
+from amgsn.engine.pretrain import PretrainConfig, pretrain
+from amgsn.masking import MaskingPolicy, SaliencyBank, spearman
+from amgsn.models import MaskedAutoencoderViT
+from amgsn.ops import abmg_select, cls_attention_scores, saliency_bank_read, saliency_bank_write_
+from amgsn.ops import reference as ref
+
+GRIDS = [(1, 1), (1, 4), (3, 5), (7, 7), (8, 8)]
+
+
+def _views(B: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop boxes (some at the borders, the whole image, tiny ones) and flips."""
+    h = torch.rand(B, generator=gen) * 0.9 + 0.05
+    w = torch.rand(B, generator=gen) * 0.9 + 0.05
+    top = torch.rand(B, generator=gen) * (1 - h)
+    left = torch.rand(B, generator=gen) * (1 - w)
+    boxes = torch.stack([top, left, h, w], 1)
+    specials = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1 - 0.3, 1 - 0.4, 0.3, 0.4], [0.0, 0.5, 0.5, 0.5],
+                             [0.25, 0.0, 0.75, 0.02]])
+    k = min(B, len(specials))
+    boxes[:k] = specials[:k]
+    return boxes, torch.rand(B, generator=gen) < 0.5
+
+
+def _case(grid, seed, dtype=torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    Gh, Gw = grid
+    M = 11
+    B = 1 + int(torch.randint(0, 7, (1,), generator=gen))
+    bank = torch.rand(M, Gh, Gw, generator=gen).to(dtype)
+    idx = torch.randperm(M, generator=gen)[:B]
+    boxes, flips = _views(B, gen)
+    scores = torch.randn(B, Gh * Gw, generator=gen)
+    fresh = torch.rand(B, generator=gen) < 0.5
+    return bank, idx, boxes, flips, scores, fresh
+
+
+def _write_checks(out, expected, before, idx, boxes, flips, fresh, atol):
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=atol)
+    untouched = torch.ones(before.shape[0], dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(out[untouched], before[untouched])  # other images' maps are never touched
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_cpu_ops_match_reference(grid, seed):
+    bank, idx, boxes, flips, scores, fresh = _case(grid, seed)
+    torch.testing.assert_close(saliency_bank_read(bank, idx, boxes, flips),
+                               ref.saliency_bank_read(bank, idx, boxes, flips), rtol=0, atol=2e-6)
+    out = saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
+    expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
+    _write_checks(out, expected, bank, idx, boxes, flips, fresh, atol=1e-3)  # one fp16 ulp at 1.0
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_triton_kernels_match_reference(grid, seed):
+    from amgsn.kernels import saliency as K
+
+    bank, idx, boxes, flips, scores, fresh = _case(grid, seed, torch.float32)
+    torch.testing.assert_close(K.saliency_bank_read(bank, idx, boxes, flips),
+                               ref.saliency_bank_read(bank, idx, boxes, flips), rtol=0, atol=2e-6)
+    out = bank.clone()
+    K.saliency_bank_write_(out, idx, scores, boxes, flips, fresh)
+    expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
+    _write_checks(out, expected, bank, idx, boxes, flips, fresh, atol=2e-6)
+    with pytest.raises(ValueError, match="indices"):  # the in-kernel bound check, reported at once on CPU
+        K.saliency_bank_read(bank, torch.tensor([0, bank.shape[0]]), boxes[:1].repeat(2, 1), flips[:1].repeat(2))
+
+
+def test_geometry_by_hand():
+    bank = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
+    zero = torch.zeros(1, dtype=torch.long)
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    # The whole image: cell centres land on cell centres -> the map itself; flipped -> mirrored.
+    assert torch.equal(saliency_bank_read(bank, zero, whole, torch.tensor([False])), bank.reshape(1, 16))
+    assert torch.equal(saliency_bank_read(bank, zero, whole, torch.tensor([True])), bank.flip(-1).reshape(1, 16))
+    # The right half, not flipped: view columns 0..3 sit at x = .5 + .5 * (c + .5) / 4 -> bank px = 1.75 + c/2.
+    right = torch.tensor([[0.0, 0.5, 1.0, 0.5]])
+    got = saliency_bank_read(bank, zero, right, torch.tensor([False])).reshape(4, 4)
+    torch.testing.assert_close(got[0], torch.tensor([1.75, 2.25, 2.75, 3.0]))  # last clamps at the border
+    # Writing that view back: only columns 2, 3 lie inside the crop (centres .625, .875).
+    old = torch.full((1, 4, 4), -1.0)
+    scores = torch.arange(16, dtype=torch.float32).reshape(1, 16)  # normalised: /15
+    saliency_bank_write_(old, zero, scores, right, torch.tensor([False]), torch.tensor([False]))
+    assert (old[0, :, :2] == -1).all() and (old[0, :, 2:] >= 0).all()
+    # Column 2 sits at view x = .25 -> view px = .5: between view columns 0 and 1.
+    torch.testing.assert_close(old[0, :, 2], (torch.arange(4) * 4 + 0.5) / 15)
+    # A fresh image takes a value in every cell (border extension).
+    new = torch.full((1, 4, 4), -1.0)
+    saliency_bank_write_(new, zero, scores, right, torch.tensor([True]), torch.tensor([True]))
+    assert (new >= 0).all()
+    # A constant view writes zeros (no range to normalise by).
+    saliency_bank_write_(new, zero, torch.ones(1, 16), whole, torch.tensor([False]), torch.tensor([False]))
+    assert (new == 0).all()
+
+
+def test_op_errors_name_the_argument():
+    bank = torch.zeros(3, 2, 2, dtype=torch.float16)
+    idx, boxes, flips = torch.tensor([0, 1]), torch.tensor([[0, 0, 1, 1.0]] * 2), torch.tensor([False, True])
+    with pytest.raises(ValueError, match="indices must lie in"):
+        saliency_bank_read(bank, torch.tensor([0, 3]), boxes, flips)
+    with pytest.raises(ValueError, match="boxes must be finite"):
+        saliency_bank_read(bank, idx, torch.tensor([[0, 0, 1, 0.0]] * 2), flips)
+    with pytest.raises(ValueError, match="boxes has size 3"):
+        saliency_bank_read(bank, idx, boxes[:, :3], flips)
+    with pytest.raises(TypeError, match="flips"):
+        saliency_bank_read(bank, idx, boxes, flips.float())
+    with pytest.raises(TypeError, match="bank"):
+        saliency_bank_read(bank.bfloat16(), idx, boxes, flips)
+    with pytest.raises(TypeError, match="indices"):
+        saliency_bank_read(bank, idx.int(), boxes, flips)
+    with pytest.raises(ValueError, match="scores has size 3"):
+        saliency_bank_write_(bank, idx, torch.zeros(2, 3), boxes, flips, flips)
+    with pytest.raises(ValueError, match="indices must be distinct"):
+        saliency_bank_write_(bank, torch.tensor([1, 1]), torch.zeros(2, 4), boxes, flips, flips)
+    with pytest.raises(TypeError, match="fresh"):
+        saliency_bank_write_(bank, idx, torch.zeros(2, 4), boxes, flips, flips.long())
+
+
+def test_bank_plan_write_and_state(tmp_path):
+    bank = SaliencyBank(10, (2, 3), refresh=0.3)
+    assert bank.num_refresh(8) == 3 and bank.num_refresh(1) == 1 and SaliencyBank(5, 2, 1.0).num_refresh(7) == 7
+    batch = torch.tensor([4, 7, 1, 9, 0, 2, 5, 3])
+    assert bank.plan(batch).tolist() == [0, 1, 2]  # all never seen: batch order
+    views = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]] * 3)
+    bank.write(batch[:3], torch.rand(3, 6), views)  # 4, 7, 1 written at clock 0
+    bank.write(torch.tensor([9, 0]), torch.rand(2, 6), views[:2])  # clock 1
+    # Never-seen (2, 5, 3 at positions 5, 6, 7) first, then the oldest — positions returned ascending.
+    assert bank.plan(batch).tolist() == [5, 6, 7]
+    assert bank.plan(torch.tensor([9, 4, 0, 7])).tolist() == [1, 3]  # ceil(.3 * 4) = 2 oldest: 4, 7
+    assert bank.coverage() == 0.5 and bank.seen([4, 2]).tolist() == [True, False]
+    # A repeated index keeps its last view.
+    scores = torch.tensor([[0.0, 1, 2, 3, 4, 5], [5.0, 4, 3, 2, 1, 0]])
+    bank.write(torch.tensor([6, 6]), scores, views[:2])
+    assert torch.equal(bank.maps[6].float().reshape(-1), (scores[1] / 5).half().float())
+    torch.save(bank.state_dict(), tmp_path / "bank.pth")
+    other = SaliencyBank(10, (2, 3), refresh=0.3)
+    other.load_state_dict(torch.load(tmp_path / "bank.pth", weights_only=True))
+    assert torch.equal(other.maps, bank.maps) and torch.equal(other.last_refresh, bank.last_refresh)
+    assert other.clock == bank.clock == 3
+    with pytest.raises(ValueError, match="different training set"):
+        SaliencyBank(11, (2, 3), 0.3).load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="patch grid"):
+        SaliencyBank(10, (3, 2), 0.3).load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="refresh"):
+        SaliencyBank(10, 2, 0.0)
+
+
+def test_spearman():
+    a = torch.tensor([[1.0, 2, 3, 4], [1.0, 2, 3, 4], [1.0, 1, 2, 3], [2.0, 2, 2, 2]])
+    b = torch.tensor([[10.0, 20, 30, 40], [4.0, 3, 2, 1], [1.0, 2, 3, 4], [1.0, 2, 3, 4]])
+    rho = spearman(a, b)
+    # Row 2 with average ranks: (.5, .5, 2, 3) vs (0, 1, 2, 3) -> 0.9486832980505138 (scipy.stats.spearmanr).
+    torch.testing.assert_close(rho, torch.tensor([1.0, -1.0, 0.9486832980505138, 0.0], dtype=torch.float64))
+
+
+def test_view_recording_transform_draws_the_same_and_records_the_view():
+    plain, recording = build_pretrain_transform(32), build_pretrain_transform(32, record_view=True)
+    # The image is its own x coordinate: the view's left / right edges can be read back from the pixels.
+    x = np.tile(np.linspace(0, 255, 80, dtype=np.float32), (60, 1))
+    img = Image.fromarray(np.stack([x, x, x], -1).round().astype(np.uint8))
+    flips = set()
+    for s in range(12):
+        random.seed(s)
+        torch.manual_seed(s)
+        expected = plain(img)
+        random.seed(s)
+        torch.manual_seed(s)
+        got, view = recording(img)
+        assert torch.equal(got, expected)
+        top, left, h, w, flipped = view.tolist()
+        assert 0 <= top and 0 <= left and top + h <= 1 + 1e-6 and left + w <= 1 + 1e-6 and 0.3 < h * w <= 1.0
+        row = got[0, 16] * 0.229 + 0.485  # de-normalised red channel, one row
+        first, last = (row[-1], row[0]) if flipped else (row[0], row[-1])
+        assert abs(float(first) - left) < 0.05 and abs(float(last) - (left + w)) < 0.05
+        flips.add(flipped)
+    assert flips == {0.0, 1.0}
+
+
+def test_policy_runs_the_teacher_on_the_refreshed_images_only(seed):
+    torch.manual_seed(seed)
+    model = MaskedAutoencoderViT("vit_tiny", img_size=32, patch_size=8, depth=2, decoder_depth=1)
+    policy = MaskingPolicy("abmg_mrus", epochs=2, warmup_epochs=0)
+    B, N = 8, 16
+    bank = SaliencyBank(20, 4, refresh=0.3)
+    imgs = torch.randn(B, 3, 32, 32)
+    indices = torch.tensor([3, 11, 5, 17, 0, 8, 2, 19])
+    gen = torch.Generator().manual_seed(seed)
+    boxes, flips = _views(B, gen)
+    views = torch.cat([boxes, flips.float()[:, None]], 1)
+    bank.write(indices[:5], torch.rand(5, N, generator=gen), views[:5])  # 5 seen, 3 never seen
+    seen_batches = []
+    real = model.teacher_qk
+    model.teacher_qk = lambda *a, **k: (seen_batches.append(k["tokens"].shape[0]), real(*a, **k))[1]
+    ratios = torch.rand(B, generator=gen) * 0.4 + 0.5
+    state = torch.get_rng_state()
+    batch = policy.select(model, imgs, ratios, epoch=1, bank=bank, indices=indices, views=views)
+    assert seen_batches == [3]  # ceil(0.3 * 8) = 3: the teacher saw 3 images, not 8
+    assert batch.refreshed.indices.tolist() == [8, 2, 19]  # the never-seen ones
+    # The same selection by hand: bank reads for everyone, the fresh teacher scores for the refreshed.
+    expected = bank.read(indices, views)
+    with torch.no_grad():
+        model.eval()
+        q, k, _ = real(tokens=model.embed_patches(imgs[5:]))
+        model.train()
+    expected[5:] = cls_attention_scores(q, k)
+    torch.set_rng_state(state)
+    noise = torch.rand(B, N) * policy.sigma
+    want = abmg_select(expected, ratios, noise, relative_noise=True)
+    assert torch.equal(batch.selection.mask, want.mask) and torch.equal(batch.selection.ids_keep, want.ids_keep)
+    with pytest.raises(ValueError, match="indices and views"):
+        policy.select(model, imgs, ratios, epoch=1, bank=bank)
+
+
+TINY = dict(img_size=32, patch_size=8, depth=1, decoder_depth=1, batch_size=8, workers=0, progress=False,
+            warmup_epochs=1, mask_mode="abmg_mrus", seed=5)
+
+
+def _same_checkpoints(a, b, keys=("model", "optimizer", "ratio_bank")):
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    for key in keys:
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[key])[0], torch.utils._pytree.tree_flatten(b[key])[0]
+        assert len(flat_a) == len(flat_b)
+        for x, y in zip(flat_a, flat_b):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
+    return a, b
+
+
+def test_pretrain_p1_is_todays_abmg_and_the_bank_path_keeps_the_data_stream(tiny_synthetic, tmp_path):
+    # P = 1 given explicitly = the default: same weights, no bank in the checkpoint, no saliency keys.
+    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(tmp_path / "a"), epochs=2, abmg_warmup=1,
+                            max_steps=10, **TINY))
+    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(tmp_path / "b"), epochs=2, abmg_warmup=1,
+                            max_steps=10, saliency_refresh=1.0, **TINY))
+    a, _ = _same_checkpoints(tmp_path / "a" / "checkpoint-last.pth", tmp_path / "b" / "checkpoint-last.pth")
+    assert "saliency_bank" not in a
+    assert "saliency_agreement" not in (tmp_path / "a" / "log.jsonl").read_text()
+    # With P < 1 but ABMG still in warm-up, the run (view-recording transform, loop) equals P = 1.
+    for name, p in (("c", 1.0), ("d", 0.25)):
+        pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(tmp_path / name), epochs=1, abmg_warmup=1,
+                                max_steps=3, saliency_refresh=p, **TINY))
+    _same_checkpoints(tmp_path / "c" / "checkpoint-last.pth", tmp_path / "d" / "checkpoint-last.pth")
+
+
+def test_pretrain_with_bank_logs_agreement_and_resumes_exactly(tiny_synthetic, tmp_path):
+    kw = dict(epochs=3, abmg_warmup=1, saliency_refresh=0.25, **TINY)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(full), **kw))
+    records = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert records[0]["saliency_agreement"] is None and records[0]["saliency_coverage"] == 0.0  # warm-up
+    # 8 steps x ceil(.25 * 8) = 2 refreshed per ABMG epoch, never-seen first: 16 new images per epoch.
+    assert [r["saliency_coverage"] for r in records[1:]] == [0.25, 0.5]
+    assert all(-1.0 <= r["saliency_agreement"] <= 1.0 for r in records[1:])
+    state = load_checkpoint(full / "checkpoint-last.pth")
+    assert (state["saliency_bank"]["last_refresh"] >= 0).sum() == 32 and state["saliency_bank"]["clock"] == 16
+    gallery = np.load(full / "mask_gallery" / "end.npz")
+    assert gallery["bank_mask"].shape == gallery["abmg_mask"].shape and gallery["bank_seen"].dtype == bool
+    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(resumed), resume=str(full / "checkpoint-1.pth"),
+                            **kw))
+    _same_checkpoints(full / "checkpoint-last.pth", resumed / "checkpoint-last.pth",
+                      ("model", "optimizer", "ratio_bank", "saliency_bank"))
+
+
+def test_pretrain_rejects_bad_refresh(tmp_path):
+    for p in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="--saliency-refresh must lie in"):
+            PretrainConfig(data_dir="x", out="y", saliency_refresh=p).validate()
