@@ -6,7 +6,7 @@ host sync (``gather.assert_ok``). With ``TRITON_INTERPRET=1`` they also run on C
 """
 
 from .abmg import abmg_mask_and_gather, abmg_select, cls_attention_scores
-from .gather import assert_ok, gather_visible, inverse_map, scatter_visible, scatter_visible_backward
+from .gather import assert_ok, gather_visible, inverse_map, scatter_visible, scatter_visible_backward, unpack_rows
 
 __all__ = [
     "abmg_mask_and_gather",
@@ -15,6 +15,7 @@ __all__ = [
     "cls_attention_scores",
     "gather_visible",
     "inverse_map",
+    "unpack_rows",
     "scatter_visible",
     "scatter_visible_backward",
 ]

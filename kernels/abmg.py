@@ -1,5 +1,18 @@
 """Triton kernels of ABMG masking: CLS-attention scores (docs/method.md §3.1), selection (§3.2) and the fused
-scores -> selection -> visible-row gather (§3.5), one program per image.
+scores -> selection -> visible-row gather (§3.5).
+
+The fused op is three launches with no host sync between them (issue 18 item 4):
+
+1. ``_head_probs_kernel`` on a (B, H) grid: one program per (image, head) loads the head's CLS query and
+   its whole (N, d) key block (full rows up to a 16K-element tile) and writes that head's CLS-attention
+   row ``P[b, h, :]`` (fp32) to scratch — B·H programs instead of B, and no chain of dependent tile loads;
+2. ``_rank_kernel`` on a (B,) grid: the head mean ``s = Σ_h P[b, h] / H`` (h ascending), the rank, and
+   the selection's outputs — ``ids_keep``, the mask and the inverse map ``inv[b, n]`` (packed row of
+   patch n, -1 where masked) that the backward scatters through (no search, no inverse-map launch);
+3. the gather over packed rows (``gather._gather_kernel``) on a (row blocks, D blocks) grid.
+
+:func:`cls_attention_scores` runs the same first kernel and the same head mean, so its scores are
+bit-identical to the ones the fused op ranks.
 
 Semantics are exactly those of ``amgsn.ops.reference``:
 
@@ -27,62 +40,69 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather import _col_block, _copy_rows, _row_block
+from .gather import _col_block, _gather_kernel, _row_block
 
 __all__ = ["cls_attention_scores", "abmg_select", "abmg_mask_and_gather"]
 
 
-def _launch_config(N: int, d: int, D: int) -> dict[str, int]:
-    """Block sizes by problem size, checked with ptxas -v for sm_90 (no spills, <= ~180 registers).
-
-    One program handles a whole image, so there are only B programs: 8 warps (N > 64) give each one
-    more loads in flight. The (NP, BDH) key tile and the (NP, BJ) float64 compare tile hold ~16
-    elements per thread; the (BR, BD) copy tile is the gather kernel's.
-    """
+def _launch_config(N: int, d: int) -> dict[str, int]:
+    """Block sizes by problem size. NP = N padded to a power of two; BDH = the head-dim block of the key
+    tile, the whole row (d) while the (NP, BDH) tile stays within 16K elements (64 fp32 registers per
+    thread at 8 warps; N = 196, d = 64 loads each head's keys in one tile); BJ = the j-block of the
+    rank's (NP, BJ) float64 compare tile (~16 elements per thread)."""
     NP = triton.next_power_of_2(max(N, 1))
     num_warps = 4 if NP <= 64 else 8
     per_cta = 16 * 32 * num_warps
-    BD = _col_block(D)
     return {
         "NP": NP,
-        "BDH": max(1, min(triton.next_power_of_2(max(d, 1)), per_cta // NP)),
+        "BDH": max(1, min(triton.next_power_of_2(max(d, 1)), max(16, 16384 // NP))),
         "BJ": max(1, min(32, 2 * per_cta // NP)),
-        "BD": BD,
-        "BR": _row_block(BD, NP),
         "num_warps": num_warps,
     }
 
 
 @triton.jit
-def _image_scores(
-    q_ptr, sqh, sqd, k_ptr, skh, skn, skd, H, N, d, sm_scale, NP: tl.constexpr, BDH: tl.constexpr
-):
-    """Scores (NP,) fp32 of one image (lanes >= N are 0). q_ptr/k_ptr point at the image's q_cls/k."""
+def _head_probs_kernel(
+    q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, p_ptr, H, N, d, sm_scale,
+    NP: tl.constexpr, BDH: tl.constexpr,
+):  # fmt: skip
+    """grid (B, H): P[b, h, n] = softmax over the 1+N keys of head h, patch columns only (fp32)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    q_h = q_ptr + b * sqb + h * sqh
+    k_h = k_ptr + b * skb + h * skh
     offs_n = tl.arange(0, NP)
     n_ok = offs_n < N
     # Patch n is key 1+n: the CLS key (row 0) is handled separately so NP = next_pow2(N), not N+1.
     key_rows = (1 + offs_n).to(tl.int64)[:, None] * skn
+    dots = tl.zeros([NP], dtype=tl.float32)
+    dot_cls = tl.zeros([BDH], dtype=tl.float32)
+    for d0 in range(0, d, BDH):  # one iteration when the whole row fits the tile
+        offs_d = d0 + tl.arange(0, BDH)
+        d_ok = offs_d < d
+        q = tl.load(q_h + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
+        k_cls = tl.load(k_h + offs_d * skd, mask=d_ok, other=0.0).to(tl.float32)
+        dot_cls += q * k_cls
+        kt = tl.load(k_h + key_rows + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(
+            tl.float32
+        )
+        dots += tl.sum(kt * q[None, :], axis=1)
+    logit_cls = tl.sum(dot_cls, axis=0) * sm_scale
+    logits = tl.where(n_ok, dots * sm_scale, float("-inf"))
+    m = tl.maximum(tl.max(logits, axis=0), logit_cls)
+    e = tl.exp(logits - m)  # padding lanes: exp(-inf) = 0
+    p = e / (tl.sum(e, axis=0) + tl.exp(logit_cls - m))
+    tl.store(p_ptr + (b * H + h) * N + offs_n, p, mask=n_ok)
+
+
+@triton.jit
+def _mean_heads(p_img, H, N, NP: tl.constexpr):
+    """(NP,) fp32 = Σ_h P[h, :] / H, heads in ascending order (lanes >= N are 0). p_img = P[b]."""
+    offs = tl.arange(0, NP)
+    ok = offs < N
     acc = tl.zeros([NP], dtype=tl.float32)
     for h in range(H):
-        q_h = q_ptr + h * sqh
-        k_h = k_ptr + h * skh
-        dots = tl.zeros([NP], dtype=tl.float32)
-        dot_cls = tl.zeros([BDH], dtype=tl.float32)
-        for d0 in range(0, d, BDH):
-            offs_d = d0 + tl.arange(0, BDH)
-            d_ok = offs_d < d
-            q = tl.load(q_h + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-            k_cls = tl.load(k_h + offs_d * skd, mask=d_ok, other=0.0).to(tl.float32)
-            dot_cls += q * k_cls
-            kt = tl.load(
-                k_h + key_rows + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            ).to(tl.float32)
-            dots += tl.sum(kt * q[None, :], axis=1)
-        logit_cls = tl.sum(dot_cls, axis=0) * sm_scale
-        logits = tl.where(n_ok, dots * sm_scale, float("-inf"))
-        m = tl.maximum(tl.max(logits, axis=0), logit_cls)
-        e = tl.exp(logits - m)  # padding lanes: exp(-inf) = 0
-        acc += e / (tl.sum(e, axis=0) + tl.exp(logit_cls - m))
+        acc += tl.load(p_img + h * N + offs, mask=ok, other=0.0)
     return acc / H
 
 
@@ -106,11 +126,13 @@ def _select_image(
     t_start,  # cu_seqlens[b]
     ids_ptr,  # packed ids_keep (int64)
     mask_ptr,  # the image's mask row (uint8 view of bool)
+    inv_ptr,  # the image's inverse-map row (int32; written only with WRITE_INV)
     N,
     HAS_NOISE: tl.constexpr,
     RELATIVE: tl.constexpr,
     NP: tl.constexpr,
     BJ: tl.constexpr,
+    WRITE_INV: tl.constexpr,
 ):
     offs = tl.arange(0, NP)
     ok = offs < N
@@ -153,81 +175,78 @@ def _select_image(
     kept_i = kept.to(tl.int32)
     slot = t_start + tl.cumsum(kept_i, axis=0) - kept_i  # exclusive prefix count: ascending ids
     tl.store(ids_ptr + slot, offs.to(tl.int64), mask=kept)
+    if WRITE_INV:
+        tl.store(inv_ptr + offs, tl.where(kept, slot, -1).to(tl.int32), mask=ok)
 
 
 @triton.jit
-def _scores_kernel(
-    q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, out_ptr, H, N, d, sm_scale,
-    NP: tl.constexpr, BDH: tl.constexpr,
-):  # fmt: skip
+def _scores_mean_kernel(p_ptr, out_ptr, H, N, NP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    scores = _image_scores(
-        q_ptr + b * sqb, sqh, sqd, k_ptr + b * skb, skh, skn, skd, H, N, d, sm_scale, NP, BDH
-    )
     offs = tl.arange(0, NP)
-    tl.store(out_ptr + b * N + offs, scores, mask=offs < N)
+    tl.store(out_ptr + b * N + offs, _mean_heads(p_ptr + b * H * N, H, N, NP), mask=offs < N)
 
 
 @triton.jit
 def _select_kernel(
-    s_ptr, ssb, ssn, z_ptr, szb, szn, keep_ptr, cu_ptr, ids_ptr, mask_ptr, N,
+    s_ptr, ssb, ssn, z_ptr, szb, szn, keep_ptr, skp, cu_ptr, ids_ptr, mask_ptr, N,
     HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    keep = tl.load(keep_ptr + b)
+    keep = tl.load(keep_ptr + b * skp)
     t_start = tl.load(cu_ptr + b)
     _select_image(
-        s_ptr + b * ssb, ssn, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
-        HAS_NOISE, RELATIVE, NP, BJ,
+        s_ptr + b * ssb, ssn, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, mask_ptr, N,
+        HAS_NOISE, RELATIVE, NP, BJ, False,
     )  # fmt: skip
 
 
 @triton.jit
-def _fused_kernel(
-    q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, x_ptr, sxb, sxn, sxd, z_ptr, szb, szn,
-    keep_ptr, cu_ptr, scratch_ptr, ids_ptr, mask_ptr, out_ptr, H, N, d, D, sm_scale,
-    HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BDH: tl.constexpr,
-    BJ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+def _rank_kernel(
+    p_ptr, s_ptr, z_ptr, szb, szn, keep_ptr, skp, cu_ptr, ids_ptr, mask_ptr, inv_ptr, H, N,
+    HAS_NOISE: tl.constexpr, RELATIVE: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
+    # grid (B,): the head mean goes through a (B, N) fp32 scratch row (L1/L2-resident) because the
+    # pairwise rank re-reads it in chunks; the barrier makes this program's stores visible to all of
+    # its threads.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, NP)
-    scores = _image_scores(
-        q_ptr + b * sqb, sqh, sqd, k_ptr + b * skb, skh, skn, skd, H, N, d, sm_scale, NP, BDH
-    )
-    # The pairwise rank reads the scores in chunks, so they go through a (B, N) fp32 scratch row
-    # (L1/L2-resident); the barrier makes this program's stores visible to all of its threads.
-    tl.store(scratch_ptr + b * N + offs, scores, mask=offs < N)
+    tl.store(s_ptr + b * N + offs, _mean_heads(p_ptr + b * H * N, H, N, NP), mask=offs < N)
     tl.debug_barrier()
-    keep = tl.load(keep_ptr + b)
+    keep = tl.load(keep_ptr + b * skp)
     t_start = tl.load(cu_ptr + b)
     _select_image(
-        scratch_ptr + b * N, 1, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, N,
-        HAS_NOISE, RELATIVE, NP, BJ,
+        s_ptr + b * N, 1, z_ptr + b * szb, szn, keep, t_start, ids_ptr, mask_ptr + b * N, inv_ptr + b * N, N,
+        HAS_NOISE, RELATIVE, NP, BJ, True,
     )  # fmt: skip
-    # Same trick for the ids: re-read them in row blocks so the copy can use wide, coalesced tiles;
-    # x is read only at the kept rows.
-    tl.debug_barrier()
-    _copy_rows(
-        x_ptr + b * sxb, sxn, sxd, ids_ptr, t_start, t_start + keep.to(tl.int32), out_ptr, D, D, BR, BD
-    )
+
+
+def _head_probs(q_cls: torch.Tensor, k: torch.Tensor, probs: torch.Tensor) -> None:
+    """probs (B, H, N) fp32 <- per-head CLS attention over the patches (``_head_probs_kernel``)."""
+    B, H, d = q_cls.shape
+    N = k.shape[2] - 1
+    cfg = _launch_config(N, d)
+    _head_probs_kernel[(B, H)](
+        q_cls, *q_cls.stride(), k, *k.stride(), probs, H, N, d, 1.0 / math.sqrt(d),
+        NP=cfg["NP"], BDH=cfg["BDH"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q_cls (B, H, d), k (B, H, 1+N, d) any float dtype and strides -> scores (B, N) float32.
 
     Per head softmax(q·kᵀ/sqrt(d)) over all 1+N keys (fp32 accumulation), CLS column dropped, mean
-    over heads.
+    over heads. Two launches — the fused op's head kernel, then the head mean — so the scores are
+    bit-identical to the ones :func:`abmg_mask_and_gather` ranks.
     """
     B, H, d = q_cls.shape
     N = k.shape[2] - 1
     out = torch.empty((B, N), dtype=torch.float32, device=q_cls.device)
     if out.numel() == 0:
         return out
-    cfg = _launch_config(N, d, 1)
-    _scores_kernel[(B,)](
-        q_cls, *q_cls.stride(), k, *k.stride(), out, H, N, d, 1.0 / math.sqrt(d),
-        NP=cfg["NP"], BDH=cfg["BDH"], num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    probs = torch.empty((B, H, N), dtype=torch.float32, device=q_cls.device)
+    _head_probs(q_cls, k, probs)
+    cfg = _launch_config(N, 1)
+    _scores_mean_kernel[(B,)](probs, out, H, N, NP=cfg["NP"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -246,7 +265,7 @@ def abmg_select(
     noise: torch.Tensor | None,
     relative_noise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (B, N) float, num_keep (B,) int64, cu_seqlens (B+1,) int32 (prefix sums of num_keep),
+    """scores (B, N) float, num_keep (B,) int32/int64 any stride, cu_seqlens (B+1,) int32 (its prefix sums),
     total = T = sum(num_keep), noise (B, N) or None -> (ids_keep (T,) int64, mask (B, N) bool).
 
     One program per image; see the module docstring for the exact ranking rule.
@@ -257,9 +276,9 @@ def abmg_select(
     if mask.numel() == 0:
         return ids, mask
     z, szb, szn = _noise_args(scores, noise)
-    cfg = _launch_config(N, 1, 1)
+    cfg = _launch_config(N, 1)
     _select_kernel[(B,)](
-        scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep.contiguous(), cu_seqlens.contiguous(),
+        scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep, num_keep.stride(0), cu_seqlens.contiguous(),
         ids, mask.view(torch.uint8), N, HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise),
         NP=cfg["NP"], BJ=cfg["BJ"], num_warps=cfg["num_warps"],
     )  # fmt: skip
@@ -275,11 +294,13 @@ def abmg_mask_and_gather(
     total: int,
     noise: torch.Tensor | None,
     relative_noise: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores + selection + gather in ONE Triton launch, one program per image.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores + selection + gather in three launches, no host sync (see the module docstring).
 
-    q_cls (B, H, d), k (B, H, 1+N, d), x (B, N, D), num_keep (B,) int64, cu_seqlens (B+1,) int32,
-    total = T, noise (B, N) or None -> (visible (T, D) in x.dtype, ids_keep (T,) int64, mask (B, N) bool).
+    q_cls (B, H, d), k (B, H, 1+N, d), x (B, N, D), num_keep (B,) int32/int64 any stride, cu_seqlens (B+1,) int32,
+    total = T, noise (B, N) or None -> (visible (T, D) in x.dtype, ids_keep (T,) int64, mask (B, N) bool,
+    inv (B, N) int32: the packed row of each kept patch, -1 where masked — for :func:`unpack_rows`).
+    Every output is written in full by the kernels (``torch.empty``).
     """
     B, H, d = q_cls.shape
     N, D = x.shape[1], x.shape[2]
@@ -287,15 +308,27 @@ def abmg_mask_and_gather(
     visible = torch.empty((total, D), dtype=x.dtype, device=dev)
     ids = torch.empty((total,), dtype=torch.int64, device=dev)
     mask = torch.empty((B, N), dtype=torch.bool, device=dev)
+    inv = torch.empty((B, N), dtype=torch.int32, device=dev)
     if mask.numel() == 0:
-        return visible, ids, mask
-    scratch = torch.empty((B, N), dtype=torch.float32, device=dev)
-    z, szb, szn = _noise_args(scratch, noise)
-    cfg = _launch_config(N, d, D)
-    _fused_kernel[(B,)](
-        q_cls, *q_cls.stride(), k, *k.stride(), x, *x.stride(), z, szb, szn, num_keep.contiguous(),
-        cu_seqlens.contiguous(), scratch, ids, mask.view(torch.uint8), visible, H, N, d, D, 1.0 / math.sqrt(d),
-        HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise), NP=cfg["NP"], BDH=cfg["BDH"],
-        BJ=cfg["BJ"], BR=cfg["BR"], BD=cfg["BD"], num_warps=cfg["num_warps"],
+        return visible, ids, mask, inv
+    # One scratch allocation: the per-head rows P (B, H, N) and the head means (B, N).
+    scratch = torch.empty((B * (H + 1) * N,), dtype=torch.float32, device=dev)
+    probs, scores = scratch[: B * H * N].view(B, H, N), scratch[B * H * N :].view(B, N)
+    _head_probs(q_cls, k, probs)
+    z, szb, szn = _noise_args(scores, noise)
+    cu = cu_seqlens.contiguous()
+    cfg = _launch_config(N, d)
+    _rank_kernel[(B,)](
+        probs, scores, z, szb, szn, num_keep, num_keep.stride(0), cu, ids, mask.view(torch.uint8), inv, H, N,
+        HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise), NP=cfg["NP"], BJ=cfg["BJ"],
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
-    return visible, ids, mask
+    # The selection is the kernels' own (valid by construction): the gather runs without the checks.
+    BD = _col_block(D)
+    BR = _row_block(BD, total)
+    grid = (max(1, triton.cdiv(total, BR)), max(1, triton.cdiv(D, BD)))
+    _gather_kernel[grid](
+        x, x.stride(0), x.stride(1), x.stride(2), ids, cu, visible, ids, B, N, total, D, B.bit_length(),
+        BR=BR, BD=BD, BC=1, CHECK=False, num_warps=4,
+    )  # fmt: skip
+    return visible, ids, mask, inv

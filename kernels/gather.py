@@ -7,6 +7,7 @@ of a (T, D) tensor.
 * :func:`gather_visible`            x (B, N, D) -> (T, D)
 * :func:`scatter_visible`           y (T, D) + mask token -> (B, N, D), each output element written once
 * :func:`scatter_visible_backward`  grad (B, N, D) -> (grad_y (T, D), grad_mask_token (D,) fp32)
+* :func:`unpack_rows`               y (T, D) + the fused op's inverse map -> (B, N, D), zeros where masked
 
 Nothing here trusts its index arguments or reads them on the host. Grids are sized from T, N and D
 alone (never from a caller's ``max_seqlen``); every index is bounds-checked inside the kernels with
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["assert_ok", "gather_visible", "inverse_map", "scatter_visible", "scatter_visible_backward"]
+__all__ = ["assert_ok", "gather_visible", "inverse_map", "scatter_visible", "scatter_visible_backward", "unpack_rows"]
 
 # Tile shapes, checked with ptxas -v for sm_90 (bf16, unit D stride): 16 rows x up to 256 columns stays
 # near 100 registers per thread without spills (32 rows x 256 reaches 218-254), so several CTAs fit on
@@ -103,53 +104,28 @@ def _image_of_rows(cu_ptr, B, offs_t, n_iter):
 
 
 @triton.jit
-def _copy_rows(
-    src_ptr,  # image base of x: row n at src_ptr + n * s_n
-    s_n,
-    s_d,
-    ids_ptr,  # packed kept indices (int64)
-    t_start,  # first packed row to copy (int32)
-    t_end,  # one past the last packed row to copy (int32)
-    dst_ptr,  # packed output base: row t at dst_ptr + t * dst_st
-    dst_st,
-    D,
-    BR: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """dst[t, :] = src[ids[t], :] for t in [t_start, t_end), ids known valid (the fused kernel's own)."""
-    for t0 in range(t_start, t_end, BR):
-        offs_t = t0 + tl.arange(0, BR)
-        row_ok = offs_t < t_end
-        rows = tl.load(ids_ptr + offs_t, mask=row_ok, other=0).to(tl.int64)
-        src_rows = src_ptr + rows[:, None] * s_n
-        dst_rows = dst_ptr + offs_t.to(tl.int64)[:, None] * dst_st
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            m = row_ok[:, None] & (offs_d < D)[None, :]
-            val = tl.load(src_rows + offs_d[None, :] * s_d, mask=m)
-            tl.store(dst_rows + offs_d[None, :], val, mask=m)
-
-
-@triton.jit
 def _gather_kernel(
     x_ptr, sxb, sxn, sxd, ids_ptr, cu_ptr, out_ptr, ok_ptr, B, N, T, D, n_iter,
-    BR: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, CHECK: tl.constexpr,
 ):  # fmt: skip
     # grid (cdiv(T, BR), cdiv(D, BD)): program (r, c) writes packed rows r*BR.. (all T rows are covered,
-    # so the torch.empty output is fully written); a row whose id is out of range gets zeros.
+    # so the torch.empty output is fully written); a row whose id is out of range gets zeros. Without
+    # CHECK (the fused op, whose selection is its own) nothing is flagged and ok_ptr is not used.
     offs_t = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = offs_t < T
     b = _image_of_rows(cu_ptr, B, offs_t, n_iter)
     ids = tl.load(ids_ptr + offs_t, mask=row_ok, other=0)
     valid = (ids >= 0) & (ids < N)
-    _flag(ok_ptr, row_ok & ((ids < 0) | (ids >= N)))
+    if CHECK:
+        _flag(ok_ptr, row_ok & ((ids < 0) | (ids >= N)))
     src_rows = x_ptr + b.to(tl.int64)[:, None] * sxb + tl.where(valid, ids, 0)[:, None] * sxn
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     m = row_ok[:, None] & (offs_d < D)[None, :]
     val = tl.load(src_rows + offs_d[None, :] * sxd, mask=m & valid[:, None], other=0)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :], val, mask=m)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        _check_cu(cu_ptr, B, T, ok_ptr, BC)
+    if CHECK:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            _check_cu(cu_ptr, B, T, ok_ptr, BC)
 
 
 @triton.jit
@@ -193,10 +169,11 @@ def _inverse_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    y_ptr, syt, syd, inv_ptr, tok_ptr, out_ptr, N, D, BN: tl.constexpr, BD: tl.constexpr
+    y_ptr, syt, syd, inv_ptr, tok_ptr, out_ptr, N, D, BN: tl.constexpr, BD: tl.constexpr,
+    HAS_TOKEN: tl.constexpr,
 ):  # fmt: skip
     # grid (B, cdiv(N, BN), cdiv(D, BD)): program (b, j, c) writes out[b, j*BN.., c*BD..] — every element
-    # once, from y (kept patch) or the mask token, so no separate fill pass is needed.
+    # once, from y (kept patch) or the mask token (zeros without HAS_TOKEN), so no fill pass is needed.
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
@@ -204,9 +181,12 @@ def _scatter_kernel(
     kept = rows >= 0
     offs_d = tl.program_id(2) * BD + tl.arange(0, BD)
     d_ok = offs_d < D
-    tok = tl.load(tok_ptr + offs_d, mask=d_ok)
     val = tl.load(y_ptr + rows.to(tl.int64)[:, None] * syt + offs_d[None, :] * syd, mask=kept[:, None] & d_ok[None, :])
-    val = tl.where(kept[:, None], val, tok[None, :])
+    if HAS_TOKEN:
+        tok = tl.load(tok_ptr + offs_d, mask=d_ok)
+        val = tl.where(kept[:, None], val, tok[None, :])
+    else:
+        val = tl.where(kept[:, None], val, tl.zeros_like(val))
     tl.store(out_ptr + (b * N + offs_n)[:, None] * D + offs_d[None, :], val, mask=n_ok[:, None] & d_ok[None, :])
 
 
@@ -255,7 +235,7 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Te
     grid = (max(1, triton.cdiv(T, BR)), max(1, triton.cdiv(D, BD)))
     _gather_kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2), ids, cu, out, ok, B, N, T, D, B.bit_length(),
-        BR=BR, BD=BD, BC=_CU_BLOCK, num_warps=_NUM_WARPS,
+        BR=BR, BD=BD, BC=_CU_BLOCK, CHECK=True, num_warps=_NUM_WARPS,
     )  # fmt: skip
     assert_ok(ok, PACKED_ERROR.format(N=N, T=T, distinct=""))
     return out
@@ -296,7 +276,28 @@ def scatter_visible(
     BD = _col_block(D)
     BN = _row_block(BD, N)
     grid = (B, triton.cdiv(N, BN), triton.cdiv(D, BD))
-    _scatter_kernel[grid](y, y.stride(0), y.stride(1), inv, tok, out, N, D, BN=BN, BD=BD, num_warps=_NUM_WARPS)
+    _scatter_kernel[grid](
+        y, y.stride(0), y.stride(1), inv, tok, out, N, D, BN=BN, BD=BD, HAS_TOKEN=True, num_warps=_NUM_WARPS
+    )
+    return out
+
+
+def unpack_rows(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """y (T, D) any strides, inv (B, N) int32 from the fused op (packed row of each kept patch, -1 where
+    masked) -> (B, N, D) in y.dtype: ``out[b, n] = y[inv[b, n]]``, zeros where masked. The fused op's
+    backward: one launch, no token, no flag (the map is the forward kernel's own, valid by construction)."""
+    B, N = inv.shape
+    D = y.shape[1]
+    out = torch.empty((B, N, D), dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
+        return out
+    BD = _col_block(D)
+    BN = _row_block(BD, N)
+    grid = (B, triton.cdiv(N, BN), triton.cdiv(D, BD))
+    _scatter_kernel[grid](
+        y, y.stride(0), y.stride(1), inv.contiguous(), y, out, N, D, BN=BN, BD=BD, HAS_TOKEN=False,
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
     return out
 
 

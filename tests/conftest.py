@@ -24,7 +24,7 @@ def triton_interpreter_on() -> bool:
     from amgsn.kernels import abmg, gather
     from triton.runtime.interpreter import InterpretedFunction
 
-    return any(isinstance(k, InterpretedFunction) for k in (abmg._fused_kernel, gather._gather_kernel))
+    return any(isinstance(k, InterpretedFunction) for k in (abmg._rank_kernel, gather._gather_kernel))
 
 
 def require_compiled_kernels(item) -> None:

@@ -169,7 +169,10 @@ def test_fused_matches_reference(seed, B, H, N, d, D, noise_kind):
     assert torch.equal(visible, ref.gather_visible(x, want_sel.ids_keep, want_sel.cu_seqlens))
     # and against the fully independent reference: exact away from genuine near-ties
     compared = assert_fused_matches_independent_reference(q, k, x, ratio, noise, rel)
-    assert compared >= B - max(1, B // 16)  # near-ties are rare with random inputs
+    # Near-ties are not rare at N = 197: the boundary sits in the dense middle of the score
+    # distribution (gaps ~1e-6 against a tolerance of ~1e-6), ~5 of 64 images expected; the bound only
+    # guards against the tolerance swallowing the comparison (it was B - 4 and failed ~1 run in 7).
+    assert compared >= B - max(1, B // 4)
 
 
 @pytest.mark.parametrize("N,ratios,keep", HAND_KEEP_TABLE)

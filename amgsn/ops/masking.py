@@ -67,13 +67,14 @@ def _check_selection_args(ids_keep: object, cu_seqlens: object) -> None:
 def _ratio_plan(
     mask_ratio: float | torch.Tensor, batch: int, num_patches: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """-> (num_keep (B,) int64, cu_seqlens (B+1,) int32, total T, max_seqlen), on ``device``.
+    """-> (num_keep (B,) int32, cu_seqlens (B+1,) int32, total T, max_seqlen), on ``device``; one launch.
 
     ``num_keep = clamp(floor((1 - r) * N + 1e-4), 1, N)`` in float64. A Python float is planned
-    without touching tensors (so ``torch.compile`` sees constants). A tensor of per-image ratios is
+    without touching tensors (so ``torch.compile`` sees constants): one arange for ``cu_seqlens``, and
+    ``num_keep`` is a stride-0 view of its element 1 (= keep). A tensor of per-image ratios is
     planned on the host: a CPU tensor is read in place (a numpy view: no copy, no sync), a GPU one is
-    copied back first (one sync: keep MRUS ratios on the host to avoid it); the plan then goes to the
-    device in one pinned, non-blocking copy.
+    copied back first (one sync: keep MRUS ratios on the host to avoid it); the int32 plan then goes
+    to the device in one pinned, non-blocking copy. The kernels read ``num_keep`` with its stride.
     """
     if isinstance(mask_ratio, torch.Tensor):
         if not mask_ratio.is_floating_point():
@@ -93,23 +94,24 @@ def _ratio_plan(
         plan[:batch] = keep  # broadcasts a single ratio
         np.cumsum(plan[:batch], out=plan[batch + 1 :])
         total, max_seqlen = int(plan[-1]), int(plan[:batch].max())
-        plan_t = torch.from_numpy(plan)
+        if total > np.iinfo(np.int32).max:
+            raise ValueError(f"the selection keeps {total} tokens: more than int32 cu_seqlens can index")
+        plan_t = torch.from_numpy(plan.astype(np.int32))
         if device.type == "cuda":
             # A plain .to(device) of pageable memory waits for the whole stream to drain; the caching
             # host allocator keeps the pinned buffer alive until the copy is done.
             plan_t = plan_t.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             plan_t = plan_t.to(device)
-        return plan_t[:batch], plan_t[batch:].to(torch.int32), total, max_seqlen
+        return plan_t[:batch], plan_t[batch:], total, max_seqlen
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
         raise TypeError(f"mask_ratio must be a float or a tensor, got {type(mask_ratio).__name__}")
     r = float(mask_ratio)
     if not 0.0 <= r <= 1.0:  # also rejects NaN
         raise ValueError(f"mask_ratio must lie in [0, 1], got {mask_ratio}")
     keep = min(num_patches, max(1, math.floor((1.0 - r) * num_patches + 1e-4)))
-    num_keep = torch.full((batch,), keep, dtype=torch.int64, device=device)
     cu_seqlens = torch.arange(0, (batch + 1) * keep, keep, dtype=torch.int32, device=device)
-    return num_keep, cu_seqlens, batch * keep, keep
+    return cu_seqlens[1:2].expand(batch), cu_seqlens, batch * keep, keep
 
 
 def _check_noise(noise: object, shape: tuple[int, ...]) -> None:
@@ -411,6 +413,12 @@ def _fused_triton(q_cls, k, x, num_keep, cu_seqlens, total, noise, relative_nois
     return _kernels().abmg_mask_and_gather(q_cls, k, x, num_keep, cu_seqlens, total, noise, relative_noise)
 
 
+def _fused_writes_inverse(x: torch.Tensor) -> bool:
+    # The Triton route (CUDA, or CPU tensors with TRITON_ON_CPU) returns the inverse map (B, N); the C++
+    # route returns an empty (0, N) placeholder and its backward scatters through ids_keep instead.
+    return x.device.type != "cpu" or TRITON_ON_CPU
+
+
 @torch.library.custom_op("amgsn::abmg_mask_and_gather", mutates_args=(), device_types="cpu")
 def _fused_op(
     q_cls: torch.Tensor,
@@ -421,12 +429,13 @@ def _fused_op(
     total: int,
     noise: torch.Tensor | None,
     relative_noise: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if TRITON_ON_CPU:
         return _fused_triton(q_cls, k, x, num_keep, cu_seqlens, total, noise, relative_noise)
     scores = torch.ops.amgsn._cls_attention_scores_cpu(q_cls, k)
     ids_keep, mask = torch.ops.amgsn._abmg_select_cpu(scores, num_keep, cu_seqlens, total, noise, relative_noise)
-    return torch.ops.amgsn._gather_visible_cpu(x, ids_keep, cu_seqlens), ids_keep, mask
+    visible = torch.ops.amgsn._gather_visible_cpu(x, ids_keep, cu_seqlens)
+    return visible, ids_keep, mask, x.new_empty((0, x.shape[1]), dtype=torch.int32)
 
 
 _fused_op.register_kernel("cuda")(_fused_triton)
@@ -439,21 +448,53 @@ def _fused_fake(q_cls, k, x, num_keep, cu_seqlens, total, noise, relative_noise)
         x.new_empty((total, D)),
         x.new_empty((total,), dtype=torch.int64),
         x.new_empty((B, N), dtype=torch.bool),
+        x.new_empty((B if _fused_writes_inverse(x) else 0, N), dtype=torch.int32),
     )
+
+
+def _unpack_triton(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    return _kernels().unpack_rows(y, inv)
+
+
+@torch.library.custom_op("amgsn::unpack_rows", mutates_args=(), device_types="cpu")
+def _unpack_op(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(B, N, D): ``out[b, n] = y[inv[b, n]]``, zeros where ``inv`` is -1 — the fused op's backward."""
+    if TRITON_ON_CPU:
+        return _unpack_triton(y, inv)
+    out = y.new_zeros((inv.shape[0], inv.shape[1], y.shape[1]))  # not reached by the C++ route's ops
+    kept = inv >= 0
+    out[kept] = y[inv[kept].long()]
+    return out
+
+
+_unpack_op.register_kernel("cuda")(_unpack_triton)
+
+
+@_unpack_op.register_fake
+def _unpack_fake(y, inv):
+    return y.new_empty((inv.shape[0], inv.shape[1], y.shape[1]))
 
 
 def _fused_setup(ctx, inputs, output):
     x, cu_seqlens = inputs[2], inputs[4]
-    ctx.set_materialize_grads(False)  # ids_keep / mask get no gradient: no zero tensors for them
-    ctx.save_for_backward(output[1], cu_seqlens)
+    ctx.set_materialize_grads(False)  # ids_keep / mask / inv get no gradient: no zero tensors for them
+    inv = output[3]
+    ctx.by_inverse = inv.shape[0] > 0
+    # Triton route: the forward's own inverse map, so the backward is one launch and cannot be misled
+    # by a later change to the returned ids_keep. C++ route: ids_keep, checked again by the scatter.
+    ctx.save_for_backward(*((inv,) if ctx.by_inverse else (output[1], cu_seqlens)))
     ctx.N = x.shape[1]
 
 
-def _fused_backward(ctx, grad_visible, grad_ids, grad_mask):
+def _fused_backward(ctx, grad_visible, grad_ids, grad_mask, grad_inv):
     if grad_visible is None:
         return None, None, None, None, None, None, None, None
-    ids_keep, cu_seqlens = ctx.saved_tensors
-    grad_x = _scatter_zero_token(grad_visible, ids_keep, cu_seqlens, ctx.N)
+    if ctx.by_inverse:
+        (inv,) = ctx.saved_tensors
+        grad_x = _unpack_op(grad_visible, inv)
+    else:
+        ids_keep, cu_seqlens = ctx.saved_tensors
+        grad_x = _scatter_zero_token(grad_visible, ids_keep, cu_seqlens, ctx.N)
     return None, None, grad_x, None, None, None, None, None
 
 
@@ -469,7 +510,9 @@ def abmg_mask_and_gather(
     *,
     relative_noise: bool = False,
 ) -> tuple[torch.Tensor, MaskSelection]:
-    """Scores -> selection -> gather in one call (docs/method.md §3.5); one fused Triton launch on CUDA.
+    """Scores -> selection -> gather in one call (docs/method.md §3.5); on CUDA three Triton launches with
+    no host sync between them (per-head scores, rank + inverse map, gather over packed rows) and a
+    one-launch backward through the forward's inverse map.
 
     Args:
         q_cls: (B, H, d), k: (B, H, 1+N, d) — as :func:`cls_attention_scores`.
@@ -485,5 +528,5 @@ def abmg_mask_and_gather(
     _check_noise(noise, (B, N))
     check_same_device(q_cls=q_cls, k=k, x=x, noise=noise)
     num_keep, cu_seqlens, total, max_seqlen = _ratio_plan(mask_ratio, B, N, x.device)
-    visible, ids_keep, mask = _fused_op(q_cls, k, x, num_keep, cu_seqlens, total, noise, bool(relative_noise))
+    visible, ids_keep, mask, _ = _fused_op(q_cls, k, x, num_keep, cu_seqlens, total, noise, bool(relative_noise))
     return visible, MaskSelection(ids_keep, cu_seqlens, mask, max_seqlen)
