@@ -163,3 +163,19 @@ def test_stop_signals_restore_the_previous_handlers():
         stop.agree([0.0, 1.0])
         assert stop.agreed == signal.SIGUSR1
     assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before
+
+
+def test_resuming_inside_an_epoch_needs_the_same_batch_size_and_world():
+    from amgsn.engine.common import NonFiniteGuard, resume_inside_epoch
+
+    position = {"epoch": 3, "batches": 5, "sums": [1.0, 2.0], "skipped": 0, "seconds": 1.0, "world_size": 1}
+    state = {"args": {"batch_size": 8}, "in_epoch": position, "guard": {"in_a_row": 1, "total": 2}}
+    guard = NonFiniteGuard()
+    assert resume_inside_epoch(state, guard, 8, "c.pth") == position
+    assert (guard.in_a_row, guard.total) == (1, 2)
+    with pytest.raises(ValueError, match=r"c\.pth: it stopped inside epoch 3 with batch size 8 x 1 processes, "
+                                         r"this run has 4 x 1"):
+        resume_inside_epoch(state, NonFiniteGuard(), 4, "c.pth")
+    with pytest.raises(ValueError, match="8 x 2 processes"):
+        resume_inside_epoch({**state, "in_epoch": {**position, "world_size": 2}}, NonFiniteGuard(), 8, "c.pth")
+    assert resume_inside_epoch({**state, "in_epoch": None}, NonFiniteGuard(), 4, "c.pth") is None

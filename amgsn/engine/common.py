@@ -311,7 +311,25 @@ class EpochTally:
     def position(self, batches: int) -> dict[str, Any]:
         """The ``in_epoch`` entry of a checkpoint after ``batches`` batches (a collective)."""
         return {"epoch": self.epoch, "batches": batches, "sums": distributed.all_reduce_sum(self.sums.clone()).tolist(),
-                "skipped": self.skipped, "seconds": self.seconds()}
+                "skipped": self.skipped, "seconds": self.seconds(), "world_size": distributed.info().world_size}
+
+
+def resume_inside_epoch(state: dict[str, Any], guard: NonFiniteGuard, batch_size: int, source: str
+                        ) -> dict[str, Any] | None:
+    """A checkpoint's position inside an epoch (None if it was written at an epoch's end), with the
+    guard's state restored. The batches already done are counted in batches of this size over this
+    many ranks, so both must be the checkpoint's: ValueError naming ``source`` otherwise."""
+    position = state.get("in_epoch")
+    if position is None:
+        return None
+    world = distributed.info().world_size
+    was = (state["args"]["batch_size"], position.get("world_size", world))
+    if was != (batch_size, world):
+        raise ValueError(f"cannot resume from {source}: it stopped inside epoch {position['epoch']} with batch size "
+                         f"{was[0]} x {was[1]} processes, this run has {batch_size} x {world}; resume with the same "
+                         "--batch-size and number of processes")
+    guard.load_state_dict(state["guard"])
+    return position
 
 
 def save_inside_epoch(stop: StopSignals, tally: EpochTally, batches: int, every_steps: int | None,

@@ -44,6 +44,7 @@ from amgsn.engine.common import (
     effective_lr,
     preempt,
     resolve_device,
+    resume_inside_epoch,
     save_inside_epoch,
     write_config,
 )
@@ -443,10 +444,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ckpt.restore_rng(state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         best = {"metric": state.get("best_metric"), "epoch": state.get("best_epoch")}
-        in_epoch = state.get("in_epoch")
+        in_epoch = resume_inside_epoch(state, guard, cfg.batch_size, cfg.resume)
         if in_epoch is not None:
             start_epoch = in_epoch["epoch"]
-            guard.load_state_dict(state["guard"])
         del state
 
     step_fn: nn.Module = _TrainForward(model, project=supcon is not None)

@@ -40,6 +40,7 @@ from amgsn.engine.common import (
     effective_lr,
     preempt,
     resolve_device,
+    resume_inside_epoch,
     save_inside_epoch,
     write_config,
 )
@@ -290,10 +291,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             sal_bank.load_state_dict(state["saliency_bank"])
         ckpt.restore_rng(state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        in_epoch = state.get("in_epoch")
+        in_epoch = resume_inside_epoch(state, guard, cfg.batch_size, cfg.resume)
         if in_epoch is not None:
             start_epoch = in_epoch["epoch"]
-            guard.load_state_dict(state["guard"])
         del state
 
     ddp_model = model
