@@ -576,14 +576,20 @@ def test_auto_backend_is_varlen_in_any_context_on_cuda(monkeypatch):
         assert chosen in ("torch_varlen", "flex"), attention._SELF_CHECK
 
 
-@pytest.mark.cuda
-def test_packed_encoder_matches_padded_cuda_fp32(seed):
-    # Without autocast both paths are float32 (TF32 is off for matmuls by default): only the packing
-    # can make them differ, so the tolerance is fp32-sized.
+def _cuda_encoder_case(seed: int):
+    """A tiny MAE on CUDA and one batch of packed visible tokens (float32) for it."""
     gen = torch.Generator().manual_seed(seed)
     model = tiny_mae().cuda()
     imgs = torch.randn(6, 3, IMG, IMG, generator=gen).cuda()
     visible, sel = model.random_masking(model.embed_patches(imgs), per_image_ratios(6, gen).cuda())
+    return model, visible, sel
+
+
+@pytest.mark.cuda
+def test_packed_encoder_matches_padded_cuda_fp32(seed):
+    # Without autocast both paths are float32 (TF32 is off for matmuls by default): only the packing
+    # can make them differ, so the tolerance is fp32-sized.
+    model, visible, sel = _cuda_encoder_case(seed)
     packed = model.forward_encoder_packed(visible, sel.cu_seqlens, sel.max_seqlen)
     padded = model.forward_encoder_padded(visible, sel.cu_seqlens, sel.max_seqlen)
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
@@ -591,10 +597,7 @@ def test_packed_encoder_matches_padded_cuda_fp32(seed):
 
 @pytest.mark.cuda
 def test_packed_encoder_matches_padded_cuda_bf16(seed):
-    gen = torch.Generator().manual_seed(seed)
-    model = tiny_mae().cuda()
-    imgs = torch.randn(6, 3, IMG, IMG, generator=gen).cuda()
-    visible, sel = model.random_masking(model.embed_patches(imgs), per_image_ratios(6, gen).cuda())
+    model, visible, sel = _cuda_encoder_case(seed)
     with torch.no_grad():
         ref32 = model.forward_encoder_padded(visible, sel.cu_seqlens, sel.max_seqlen).float()
     with torch.autocast("cuda", dtype=torch.bfloat16):
