@@ -311,3 +311,32 @@ def test_cuda_bad_input_names_argument(case):
     name, call = bad_cases("cuda")[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ratio_kind", ["float", "cpu_tensor"])
+def test_cuda_ops_make_no_host_sync(seed, ratio_kind):
+    # The CUDA route of the route tests' zero-sync budget, checked by CUDA itself: any synchronising call
+    # inside the four ops (forward and backward) raises under sync debug mode "error".
+    gen = torch.Generator().manual_seed(seed)
+    B, H, N, d, D = 8, 3, 49, 16, 24
+    q, k = torch.randn(B, H, d, generator=gen).cuda(), torch.randn(B, H, N + 1, d, generator=gen).cuda()
+    x = torch.randn(B, N, D, generator=gen).cuda().bfloat16().requires_grad_()
+    scores, tok = torch.rand(B, N, generator=gen).cuda(), torch.randn(D, generator=gen).cuda().requires_grad_()
+    ratio = 0.6 if ratio_kind == "float" else torch.rand(B, generator=gen) * 0.4 + 0.5
+
+    def step():
+        visible, sel = ops.abmg_mask_and_gather(q, k, x, ratio, torch.rand_like(scores), relative_noise=True)
+        s2 = ops.abmg_select(scores, ratio)
+        again = ops.gather_visible(x, s2.ids_keep, s2.cu_seqlens)
+        full = ops.scatter_visible(visible, sel.ids_keep, sel.cu_seqlens, tok, N)
+        (full.float().square().sum() + again.float().sum()).backward()
+
+    step()  # warm-up: Triton compilation and autotuning may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
