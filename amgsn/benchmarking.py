@@ -226,7 +226,8 @@ def run_step_row(device: str, *, steps: int = 5) -> tuple[dict, dict]:
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     cfg = STEP_CONFIGS[kind]
-    result = bench_step(device=device, steps=steps, ratio_range=(0.5, 0.9), variants=("fused", "reference"), **cfg)
+    result = bench_step(device=device, steps=steps, ratio_range=(0.5, 0.9),
+                        variants=("fused", "fused_bank", "reference"), **cfg)
     fused, ref = result["fused"], result["reference"]
     depth = "" if cfg["depth"] is None else f" depth {cfg['depth']}"
     row = {
@@ -242,6 +243,21 @@ def run_step_row(device: str, *, steps: int = 5) -> tuple[dict, dict]:
     if "peak_MiB" in fused:
         row["peak_MiB"] = fused["peak_MiB"]
     return row, result
+
+
+BANK_STEP_TARGET = 1.5  # reference / fused_bank (issue 19)
+
+
+def bank_step_row(step_row: dict, result: dict) -> dict:
+    """The same step with the saliency bank (docs/method.md §4.4, warm bank): fused_bank vs the reference."""
+    bank, ref = result["fused_bank"], result["reference"]
+    row = {**step_row, "op": f"pretrain step + saliency bank P={bank['saliency_refresh']:g}",
+           "ours_ms": bank["median_ms"], "ratio": round(ref["median_ms"] / bank["median_ms"], 2),
+           "target": BANK_STEP_TARGET}
+    row.pop("peak_MiB", None)
+    if "peak_MiB" in bank:
+        row["peak_MiB"] = bank["peak_MiB"]
+    return row
 
 
 def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, progress: bool = True,
@@ -269,7 +285,7 @@ def run_all(device: str, *, rounds: int = 20, cases: list[Case] | None = None, p
     if step_steps > 0:
         bar.set_postfix_str("pre-training step")
         step_row, step = run_step_row(device, steps=step_steps)
-        rows.append(step_row)
+        rows += [step_row, bank_step_row(step_row, step)]
         bar.update()
     bar.close()
     info = {"device": device, "torch": torch.__version__}

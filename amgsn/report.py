@@ -381,6 +381,17 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
                 "mask gallery",
             )
         )
+    if any(isinstance(r, dict) and r.get("saliency_agreement") is not None for r in records):
+        gallery.append("<h3>Saliency bank agreement</h3>")
+        gallery.append(
+            _plot_section(
+                lambda: viz.plot_saliency_agreement(records),
+                "saliency bank agreement",
+                f"From {log_names}: Spearman rank correlation between the bank's scores and a fresh teacher "
+                "pass on a fixed probe batch (images the bank has seen), per epoch.",
+                "saliency agreement curve",
+            )
+        )
     sections.append(("Mask gallery", "".join(gallery)))
 
     if records:

@@ -33,6 +33,7 @@ __all__ = [
     "plot_per_class_accuracy",
     "plot_ratio_histograms",
     "plot_runs_per_class",
+    "plot_saliency_agreement",
 ]
 
 DPI = 110
@@ -494,6 +495,9 @@ def _check_gallery(
             raise ValueError(
                 f"npz['{key}'] must be ({n}, {num_patches}) bool ({h}x{w} images, patch {p}), got {m.shape} {m.dtype}"
             )
+    if "bank_mask" in g and (g["bank_mask"].shape != (n, num_patches) or g["bank_mask"].dtype != np.bool_):
+        raise ValueError(f"npz['bank_mask'] must be ({n}, {num_patches}) bool, got {g['bank_mask'].shape} "
+                         f"{g['bank_mask'].dtype}")
     classes = [str(c) for c in np.atleast_1d(g["classes"])]
     if n and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ValueError(
@@ -522,7 +526,9 @@ def mask_gallery(
 ) -> bytes:
     """Grid of sample faces: rows grouped by class (class name on the left), columns = original |
     ABMG-masked | random-masked, masked patches darkened and each masked panel captioned with its
-    mask ratio.
+    mask ratio. A gallery written with the saliency bank (docs/method.md §4.4) holds ``bank_mask`` too
+    (and ``bank_seen``): then the columns are original | fresh ABMG | bank ABMG | random, the bank's
+    panel captioned "not seen" for an image the bank has no map of yet.
 
     Args:
         npz: path to a ``mask_gallery/*.npz`` file or a mapping with arrays ``images`` (n, H, W, 3)
@@ -537,7 +543,11 @@ def mask_gallery(
         raise ValueError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
     if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int) or rows_per_block < 1:
         raise ValueError(f"rows_per_block must be a positive int, got {rows_per_block!r}")
-    images, labels, abmg, rand, p, classes = _check_gallery(_load_gallery(npz))
+    g = _load_gallery(npz)
+    images, labels, abmg, rand, p, classes = _check_gallery(g)
+    bank = g.get("bank_mask")
+    bank_seen = g.get("bank_seen", np.ones(len(labels), dtype=bool)) if bank is not None else None
+    cols = 3 if bank is None else 4
     order = np.argsort(labels, kind="stable")
     if max_per_class is not None:
         seen: dict[int, int] = {}
@@ -556,21 +566,25 @@ def mask_gallery(
     blocks = max(1, math.ceil(len(order) / rows_per_block))
     rows = math.ceil(len(order) / blocks)
     cell = 1.55
-    fig = _new_figure(blocks * (3 * cell * w / h + 1.0), rows * cell + (0.75 if title else 0.45))
-    axes = fig.subplots(rows, 3 * blocks, squeeze=False)
+    fig = _new_figure(blocks * (cols * cell * w / h + 1.0), rows * cell + (0.75 if title else 0.45))
+    axes = fig.subplots(rows, cols * blocks, squeeze=False)
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     for ax in axes.flat:
         ax.set_axis_off()  # switched back on for the cells that hold an image
     for slot, i in enumerate(order):
         r, block = slot % rows, slot // rows
         img = images[i] if images.shape[-1] == 3 else np.repeat(images[i], 3, axis=-1)
-        panels = (
+        panels = [
             (img, None),
             (_apply_mask(img, abmg[i], p), abmg[i]),
             (_apply_mask(img, rand[i], p), rand[i]),
-        )
+        ]
+        if bank is not None:
+            panels.insert(2, (_apply_mask(img, bank[i], p), bank[i]))
+        titles = ("original", "ABMG mask", "random mask") if bank is None else (
+            "original", "ABMG (fresh)", "ABMG (bank)", "random mask")
         for c, (shown, mask) in enumerate(panels):
-            ax = axes[r, 3 * block + c]
+            ax = axes[r, cols * block + c]
             ax.set_axis_on()
             ax.imshow(shown, interpolation="nearest")
             ax.set_xticks([])
@@ -583,10 +597,11 @@ def mask_gallery(
                     ax.axvline(k * p - 0.5, color="white", alpha=0.18, linewidth=0.4)
                 for k in range(1, h // p):
                     ax.axhline(k * p - 0.5, color="white", alpha=0.18, linewidth=0.4)
+                unseen = bank is not None and c == 2 and not bank_seen[i]
                 ax.text(
                     0.03,
                     0.04,
-                    f"{mask.mean():.0%}",
+                    "not seen" if unseen else f"{mask.mean():.0%}",
                     transform=ax.transAxes,
                     fontsize=7,
                     color="white",
@@ -595,8 +610,42 @@ def mask_gallery(
                     bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.55, "lw": 0},
                 )
             if r == 0:
-                ax.set_title(("original", "ABMG mask", "random mask")[c], fontsize=9.5)
-        axes[r, 3 * block].set_ylabel(classes[labels[i]], fontsize=9, rotation=0, ha="right", va="center")
+                ax.set_title(titles[c], fontsize=9.5)
+        axes[r, cols * block].set_ylabel(classes[labels[i]], fontsize=9, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=11)
+    return _finish(fig, out)
+
+
+def plot_saliency_agreement(log_records: Iterable[Mapping[str, Any]], out: str | Path | None = None,
+                            target: float | None = 0.7) -> bytes:
+    """The saliency bank's quality guard over pre-training (docs/method.md §4.4): per epoch the mean
+    Spearman rank correlation between the bank's scores and a fresh teacher pass on a fixed probe batch
+    (``saliency_agreement``), with the fraction of images the bank has a map of (``saliency_coverage``)
+    and a dotted ``target`` line.
+
+    Raises:
+        NothingToPlot: no pre-training record holds a ``saliency_agreement`` value.
+    """
+    records = _stage_records(_check_records(log_records), "pretrain")
+    agreement = _series(records, "saliency_agreement")
+    if agreement is None:
+        raise NothingToPlot("no pre-training log record has a saliency_agreement value")
+    fig = _new_figure(6.2, 3.7)
+    ax = fig.subplots()
+    _style(ax)
+    marker = "o" if len(agreement[0]) <= 30 else None
+    ax.plot(*agreement, color=_BLUE, marker=marker, markersize=3.5, linewidth=1.8, label="agreement (Spearman)")
+    coverage = _series(records, "saliency_coverage")
+    if coverage is not None:
+        ax.plot(*coverage, color=_GREY, linestyle="--", linewidth=1.4, label="bank coverage")
+    if target is not None:
+        ax.axhline(target, color=_ORANGE, linestyle=":", linewidth=1.4, label=f"target {target:g}")
+    refresh = next((r.get("saliency_refresh") for r in records if r.get("saliency_refresh") is not None), None)
+    ax.set_title("Saliency bank vs a fresh teacher" + (f" (P = {refresh:g})" if refresh is not None else ""))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Spearman ρ / fraction")
+    ax.set_ylim(min(0.0, float(np.nanmin(agreement[1])) - 0.05), 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8.5, loc="lower right", framealpha=0.95)
     return _finish(fig, out)

@@ -7,8 +7,10 @@ OUT_DEFAULT=runs/gpu_check
 source "$(dirname "$0")/_gpu_env.sh"
 
 if $PY -m amgsn bench-step --help >/dev/null 2>&1; then
-  step "training step: ViT-B/16, 224 px, batch 256, bf16"
-  timeout 200 $PY -m amgsn bench-step --model vit_base --img-size 224 --patch-size 16 --batch-size 256 \
+  # Variants fused, fused_bank (saliency bank, warm, P = 0.25: issue 19's target fused_bank / mae_random
+  # <= 1.08), reference, mae_random; the JSON holds fused_bank_over_mae_random and reference_over_fused_bank.
+  step "training step: ViT-B/16, 224 px, batch 256, bf16 (fused, fused_bank, reference, mae_random)"
+  timeout 260 $PY -m amgsn bench-step --model vit_base --img-size 224 --patch-size 16 --batch-size 256 \
       --ratio-range 0.5 0.9 --device cuda --steps 12 --json > "$OUT/bench_step.json" 2> "$OUT/bench_step.log"
   [ $? -eq 0 ] && cat "$OUT/bench_step.json" || { tail -20 "$OUT/bench_step.log"; status=1; }
 fi
@@ -24,7 +26,7 @@ timeout 300 $PY -m pytest -q -m cuda tests $XDIST $TMO -p no:cacheprovider --jun
 tail -30 "$OUT/cuda_tests.txt"
 
 step "copy bandwidth + operator benchmarks"
-# --step-steps 0: the step benchmark ran above with all three variants and the full report.
+# --step-steps 0: the step benchmark ran above with all four variants and the full report.
 timeout 150 $PY -m amgsn bench --device cuda --json "$OUT/bench_ops.json" --rounds 50 --step-steps 0 2>&1 | tee "$OUT/bench_ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -11,8 +11,9 @@
 //          bilinearly there (pixel centres at (j + .5) / Gw, border clamp: grid_sample's
 //          align_corners=False + padding_mode="border").
 // * write: bank cell (i, j) at u = (j + .5) / Gw, v = (i + .5) / Gh -> x = (u - left) / width,
-//          y = (v - top) / height; cells with x, y in [0, 1] (or every cell of a never-seen image)
-//          take the view's min-max normalised scores sampled bilinearly at (1 - x if flipped, y).
+//          y = (v - top) / height; s = the view's min-max normalised scores sampled bilinearly at
+//          (1 - x if flipped, y). Every cell of a never-seen image takes s; a seen image's cells with
+//          x, y in [0, 1] move towards it: m <- m + alpha * (s - m) (alpha = 1: overwrite).
 //
 // Every coordinate is computed in float32 in the order written above, as in the reference and the
 // Triton kernels, so the three agree to float32 rounding of the interpolation. Python validates the
@@ -96,7 +97,9 @@ at::Tensor saliency_bank_read_cpu(const at::Tensor& bank, const at::Tensor& indi
 }
 
 void saliency_bank_write_cpu(const at::Tensor& bank, const at::Tensor& indices, const at::Tensor& scores,
-                             const at::Tensor& boxes, const at::Tensor& flips, const at::Tensor& fresh) {
+                             const at::Tensor& boxes, const at::Tensor& flips, const at::Tensor& fresh,
+                             double alpha_d) {
+  const float alpha = static_cast<float>(alpha_d);
   TORCH_CHECK_VALUE(bank.dim() == 3 && bank.is_contiguous(), "bank must be a contiguous (M, Gh, Gw) tensor");
   const int64_t M = bank.size(0), H = bank.size(1), W = bank.size(2), B = indices.numel();
   check_views(indices, boxes, flips, B, M);
@@ -139,7 +142,13 @@ void saliency_bank_write_cpu(const at::Tensor& bank, const at::Tensor& indices, 
             const bool inside = in_y && x >= 0.0f && x <= 1.0f;
             if (!(inside || frp[b])) continue;
             if (fp[b]) x = 1.0f - x;
-            map[i * W + j] = static_cast<scalar_t>(bilinear(norm.data(), H, W, x * static_cast<float>(W) - 0.5f, py));
+            const float s = bilinear(norm.data(), H, W, x * static_cast<float>(W) - 0.5f, py);
+            if (frp[b]) {
+              map[i * W + j] = static_cast<scalar_t>(s);
+            } else {
+              const float old = static_cast<float>(map[i * W + j]);
+              map[i * W + j] = static_cast<scalar_t>(old + alpha * (s - old));
+            }
           }
         }
       });
@@ -152,7 +161,7 @@ void saliency_bank_write_cpu(const at::Tensor& bank, const at::Tensor& indices, 
 TORCH_LIBRARY_FRAGMENT(amgsn, m) {
   m.def("_saliency_bank_read_cpu(Tensor bank, Tensor indices, Tensor boxes, Tensor flips) -> Tensor");
   m.def("_saliency_bank_write_cpu(Tensor(a!) bank, Tensor indices, Tensor scores, Tensor boxes, Tensor flips, "
-        "Tensor fresh) -> ()");
+        "Tensor fresh, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(amgsn, CPU, m) {

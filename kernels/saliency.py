@@ -10,8 +10,9 @@ border clamping (``grid_sample(align_corners=False, padding_mode="border")``).
   programs, no host sync). It is not fused into the ABMG select kernel (kernels/abmg.py) because
   that pipeline is being restructured by the CUDA hot-path work; the read costs one (B, N) fp32
   round trip through memory (~B·N·4 bytes: 200 KB at B=256, N=196).
-* write (``saliency_bank_write_``): in place; a never-seen image takes the sampled value in every
-  cell, a seen one only in the cells whose centre lies inside the crop box. Indices must be distinct
+* write (``saliency_bank_write_``): in place; a never-seen image takes the sampled value ``s`` in every
+  cell; a seen one's cells whose centre lies inside the crop box move towards it, ``m + alpha * (s - m)``
+  (``alpha`` = 1: overwrite), the others keep their value. Indices must be distinct
   (the bank deduplicates on the host): programs run in parallel.
 
 Bank rows outside ``[0, M)`` are not accessed: such a view reads zeros / writes nothing and clears
@@ -90,7 +91,7 @@ def _read_kernel(bank_ptr, idx_ptr, box_ptr, sbb, sbc, flip_ptr, out_ptr, M, H, 
 
 
 @triton.jit(do_not_specialize=["M", "H", "W"])
-def _write_kernel(bank_ptr, idx_ptr, score_ptr, box_ptr, sbb, sbc, flip_ptr, fresh_ptr, M, H, W, ok_ptr,
+def _write_kernel(bank_ptr, idx_ptr, score_ptr, box_ptr, sbb, sbc, flip_ptr, fresh_ptr, alpha, M, H, W, ok_ptr,
                   NP: tl.constexpr):
     b = tl.program_id(0)
     row, row_ok, top, left, height, width, flipped = _load_view(idx_ptr, box_ptr, sbb, sbc, flip_ptr, b, M, ok_ptr)
@@ -116,7 +117,11 @@ def _write_kernel(bank_ptr, idx_ptr, score_ptr, box_ptr, sbb, sbc, flip_ptr, fre
     raw = _bilinear(s_row, H, W, x * Wf - 0.5, y * Hf - 0.5, m)
     # Normalising after the (affine-invariant) interpolation = interpolating the normalised scores.
     val = tl.where(span > 0.0, (raw - lo) / tl.where(span > 0.0, span, 1.0), 0.0)
-    tl.store(bank_ptr + row * N + offs, val.to(bank_ptr.dtype.element_ty), mask=m & row_ok & (inside | fresh))
+    dst = bank_ptr + row * N + offs
+    write = m & row_ok & (inside | fresh)
+    old = tl.load(dst, mask=write & ~fresh, other=0.0).to(tl.float32)
+    val = tl.where(fresh, val, old + alpha * (val - old))
+    tl.store(dst, val.to(bank_ptr.dtype.element_ty), mask=write)
 
 
 def _flag_tensor(device: torch.device) -> torch.Tensor:
@@ -145,9 +150,9 @@ def saliency_bank_read(bank: torch.Tensor, indices: torch.Tensor, boxes: torch.T
 
 
 def saliency_bank_write_(bank: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor,
-                         flips: torch.Tensor, fresh: torch.Tensor) -> None:
+                         flips: torch.Tensor, fresh: torch.Tensor, alpha: float = 1.0) -> None:
     """In place: bank (M, Gh, Gw) contiguous, indices (B,) distinct, scores (B, Gh*Gw), boxes (B, 4),
-    flips / fresh (B,) bool."""
+    flips / fresh (B,) bool, alpha in [0, 1]."""
     M, H, W = bank.shape
     B = indices.shape[0]
     if B == 0:
@@ -155,5 +160,6 @@ def saliency_bank_write_(bank: torch.Tensor, indices: torch.Tensor, scores: torc
     ok = _flag_tensor(bank.device)
     NP = triton.next_power_of_2(H * W)
     _write_kernel[(B,)](bank, indices.contiguous(), scores.contiguous(), boxes, boxes.stride(0), boxes.stride(1),
-                        _as_int8(flips), _as_int8(fresh), M, H, W, ok, NP=NP, num_warps=4 if NP <= 256 else 8)
+                        _as_int8(flips), _as_int8(fresh), float(alpha), M, H, W, ok, NP=NP,
+                        num_warps=4 if NP <= 256 else 8)
     assert_ok(ok, "indices must lie in [0, M) (rows of the bank)")

@@ -23,16 +23,18 @@ def test_bench_cpu_table_and_json(tmp_path, capsys, monkeypatch):
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     cpu_cases = [c for c in all_cases() if "cpu" in c.devices]
-    assert len(result["rows"]) == len(cpu_cases) + 1 >= 5
+    assert len(result["rows"]) == len(cpu_cases) + 2 >= 6
     for row, case in zip(result["rows"], cpu_cases):
         assert row["op"] == case.op and row["ours_ms"] > 0 and row["reference_ms"] > 0
         assert case.op in table
     for row in result["rows"]:
         assert abs(row["ratio"] - row["reference_ms"] / row["ours_ms"]) < 0.01 * row["ratio"] + 0.01
-    step_row = result["rows"][-1]
+    step_row, bank_row = result["rows"][-2:]
     assert step_row["op"].startswith("pretrain step") and "depth 1 32px/8 B=4" in step_row["shape"]
     assert step_row["ours_ms"] == result["step"]["fused"]["median_ms"]
     assert step_row["reference_ms"] == result["step"]["reference"]["median_ms"]
+    assert bank_row["op"] == "pretrain step + saliency bank P=0.25" and bank_row["shape"] == step_row["shape"]
+    assert bank_row["ours_ms"] == result["step"]["fused_bank"]["median_ms"] and bank_row["target"] == 1.5
     assert "pretrain step" in table
     assert table.splitlines()[1].split()[:5] == ["op", "shape", "ours_ms", "reference_ms", "ratio"]
 
@@ -49,13 +51,23 @@ def test_bench_step_json(capsys):
     assert main(["bench-step", "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4",
                  "--depth", "1", "--steps", "1", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for name in ("fused", "reference", "mae_random"):
+    for name in ("fused", "fused_bank", "reference", "mae_random"):
         assert result[name]["median_ms"] > 0 and result[name]["images_per_s"] > 0
     assert result["fused_speedup_vs_reference"] > 0
+    assert result["fused_bank"]["saliency_refresh"] == 0.25 and result["reference_over_fused_bank"] > 0
+    # fused_bank alone, with its own P; the teacher's FLOPs count only the refreshed images.
+    assert main(["bench-step", "--img-size", "32", "--batch-size", "4", "--depth", "1", "--steps", "1", "--device",
+                 "cpu", "--json", "--variants", "fused_bank", "--saliency-refresh", "0.5"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert set(alone) & {"fused", "reference", "mae_random"} == set()
+    assert alone["fused_bank"]["saliency_refresh"] == 0.5
+    assert main(["bench-step", "--device", "cpu", "--saliency-refresh", "0"]) == 2
+    assert main(["bench-step", "--device", "cpu", "--variants", "fast"]) == 2
     assert main(["bench-step", "--steps", "0", "--device", "cpu"]) == 2
     assert main(["bench-step", "--ratio-range", "0.9", "0.5", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--steps must be an int >= 1, got 0" in err and "--ratio-range must satisfy" in err
+    assert "--saliency-refresh must lie in (0, 1]" in err and "--variants must be some of" in err
 
 
 def test_bench_step_variants_take_turns(monkeypatch):
@@ -67,14 +79,14 @@ def test_bench_step_variants_take_turns(monkeypatch):
     original = bs._Variant.step
 
     def logged(self):
-        order.append(self.policy.impl if self.mode != "random" else "random")
+        order.append("bank" if self.saliency is not None else self.policy.impl if self.mode != "random" else "random")
         original(self)
 
     monkeypatch.setattr(bs._Variant, "step", logged)
     result = bs.bench_step(model="vit_tiny", img_size=32, patch_size=8, batch_size=4, depth=1, steps=2, warmup=1,
                            device="cpu")
-    assert order == ["fused", "reference", "random"] * 3
-    assert all(result[v]["median_ms"] > 0 for v in ("fused", "reference", "mae_random"))
+    assert order == ["fused", "bank", "reference", "random"] * 3
+    assert all(result[v]["median_ms"] > 0 for v in ("fused", "fused_bank", "reference", "mae_random"))
 
 
 @pytest.mark.cuda

@@ -48,7 +48,8 @@ def _case(grid, seed, dtype=torch.float16):
     boxes, flips = _views(B, gen)
     scores = torch.randn(B, Gh * Gw, generator=gen)
     fresh = torch.rand(B, generator=gen) < 0.5
-    return bank, idx, boxes, flips, scores, fresh
+    alpha = float(torch.rand((), generator=gen))
+    return bank, idx, boxes, flips, scores, fresh, alpha
 
 
 def _write_checks(out, expected, before, idx, boxes, flips, fresh, atol):
@@ -60,24 +61,25 @@ def _write_checks(out, expected, before, idx, boxes, flips, fresh, atol):
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_cpu_ops_match_reference(grid, seed):
-    bank, idx, boxes, flips, scores, fresh = _case(grid, seed)
+    bank, idx, boxes, flips, scores, fresh, alpha = _case(grid, seed)
     torch.testing.assert_close(saliency_bank_read(bank, idx, boxes, flips),
                                ref.saliency_bank_read(bank, idx, boxes, flips), rtol=0, atol=2e-6)
-    out = saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
-    expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
-    _write_checks(out, expected, bank, idx, boxes, flips, fresh, atol=1e-3)  # one fp16 ulp at 1.0
+    for a in (1.0, alpha):
+        out = saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh, a)
+        expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh, a)
+        _write_checks(out, expected, bank, idx, boxes, flips, fresh, atol=1e-3)  # one fp16 ulp at 1.0
 
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_triton_kernels_match_reference(grid, seed):
     from amgsn.kernels import saliency as K
 
-    bank, idx, boxes, flips, scores, fresh = _case(grid, seed, torch.float32)
+    bank, idx, boxes, flips, scores, fresh, alpha = _case(grid, seed, torch.float32)
     torch.testing.assert_close(K.saliency_bank_read(bank, idx, boxes, flips),
                                ref.saliency_bank_read(bank, idx, boxes, flips), rtol=0, atol=2e-6)
     out = bank.clone()
-    K.saliency_bank_write_(out, idx, scores, boxes, flips, fresh)
-    expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh)
+    K.saliency_bank_write_(out, idx, scores, boxes, flips, fresh, alpha)
+    expected = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh, alpha)
     _write_checks(out, expected, bank, idx, boxes, flips, fresh, atol=2e-6)
     with pytest.raises(ValueError, match="indices"):  # the in-kernel bound check, reported at once on CPU
         K.saliency_bank_read(bank, torch.tensor([0, bank.shape[0]]), boxes[:1].repeat(2, 1), flips[:1].repeat(2))
@@ -101,9 +103,14 @@ def test_geometry_by_hand():
     assert (old[0, :, :2] == -1).all() and (old[0, :, 2:] >= 0).all()
     # Column 2 sits at view x = .25 -> view px = .5: between view columns 0 and 1.
     torch.testing.assert_close(old[0, :, 2], (torch.arange(4) * 4 + 0.5) / 15)
-    # A fresh image takes a value in every cell (border extension).
+    # alpha = 1/4 moves a seen map a quarter of the way (inside the crop only).
+    blended = torch.full((1, 4, 4), -1.0)
+    saliency_bank_write_(blended, zero, scores, right, torch.tensor([False]), torch.tensor([False]), 0.25)
+    assert (blended[0, :, :2] == -1).all()
+    torch.testing.assert_close(blended[0, :, 2:], -1 + 0.25 * (old[0, :, 2:] + 1))
+    # A fresh image takes a value in every cell (border extension), whatever alpha.
     new = torch.full((1, 4, 4), -1.0)
-    saliency_bank_write_(new, zero, scores, right, torch.tensor([True]), torch.tensor([True]))
+    saliency_bank_write_(new, zero, scores, right, torch.tensor([True]), torch.tensor([True]), 0.25)
     assert (new >= 0).all()
     # A constant view writes zeros (no range to normalise by).
     saliency_bank_write_(new, zero, torch.ones(1, 16), whole, torch.tensor([False]), torch.tensor([False]))
@@ -131,6 +138,8 @@ def test_op_errors_name_the_argument():
         saliency_bank_write_(bank, torch.tensor([1, 1]), torch.zeros(2, 4), boxes, flips, flips)
     with pytest.raises(TypeError, match="fresh"):
         saliency_bank_write_(bank, idx, torch.zeros(2, 4), boxes, flips, flips.long())
+    with pytest.raises(ValueError, match="alpha"):
+        saliency_bank_write_(bank, idx, torch.zeros(2, 4), boxes, flips, flips, 1.5)
 
 
 def test_bank_plan_write_and_state(tmp_path):
@@ -160,6 +169,13 @@ def test_bank_plan_write_and_state(tmp_path):
         SaliencyBank(10, (3, 2), 0.3).load_state_dict(bank.state_dict())
     with pytest.raises(ValueError, match="refresh"):
         SaliencyBank(10, 2, 0.0)
+    with pytest.raises(ValueError, match="blend"):
+        SaliencyBank(10, 2, 0.5, blend=0.0)
+    # A seen map moves half-way (the default blend) inside the crop: the whole image here.
+    before = bank.maps[6].float().clone()
+    bank.write(torch.tensor([6]), scores[:1], views[:1])
+    torch.testing.assert_close(bank.maps[6].float(), (before + 0.5 * ((scores[0] / 5).reshape(2, 3) - before)),
+                               atol=1e-3, rtol=0)
 
 
 def test_spearman():
@@ -281,3 +297,24 @@ def test_pretrain_rejects_bad_refresh(tmp_path):
     for p in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="--saliency-refresh must lie in"):
             PretrainConfig(data_dir="x", out="y", saliency_refresh=p).validate()
+
+
+def test_gallery_shows_bank_masks_and_agreement_curve(seed):
+    from amgsn import viz
+
+    rng = np.random.default_rng(seed)
+    n, N = 3, 16
+    g = {"images": rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8), "labels": np.arange(n),
+         "abmg_mask": rng.random((n, N)) < 0.75, "random_mask": rng.random((n, N)) < 0.75,
+         "patch_size": np.asarray(8), "classes": np.asarray(["a", "b", "c"])}
+    plain = Image.open(__import__("io").BytesIO(viz.mask_gallery(g)))
+    with_bank = Image.open(__import__("io").BytesIO(viz.mask_gallery(
+        {**g, "bank_mask": rng.random((n, N)) < 0.75, "bank_seen": np.array([True, False, True])})))
+    assert with_bank.width > plain.width * 1.2 and with_bank.height == plain.height  # a fourth column
+    with pytest.raises(ValueError, match="bank_mask"):
+        viz.mask_gallery({**g, "bank_mask": np.zeros((n, N + 1), dtype=bool)})
+    records = [{"stage": "pretrain", "epoch": e, "saliency_agreement": a, "saliency_coverage": c}
+               for e, a, c in ((0, None, 0.0), (1, 0.5, 0.25), (2, 0.8, 0.5))]
+    assert viz.plot_saliency_agreement(records)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(viz.NothingToPlot):
+        viz.plot_saliency_agreement([{"stage": "pretrain", "epoch": 0, "loss": 1.0}])

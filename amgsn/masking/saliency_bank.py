@@ -6,7 +6,8 @@ drifts slowly. The bank keeps one map per training image (dataset index, as the 
 coordinates, fp16, with the bank step at which it was last written (-1: never). Per step only
 ``ceil(P * B)`` images of the batch go through the teacher — never-seen first, then the oldest maps
 (ties: batch order); their scores are warped back through the view's crop box and flip into the bank
-(:func:`amgsn.ops.saliency_bank_write_`). Every other image reads its view's scores out of the bank
+(:func:`amgsn.ops.saliency_bank_write_`; inside the crop box a seen map moves half-way towards the new
+view — ``blend`` — so it averages the views it was refreshed from). Every other image reads its view's scores out of the bank
 (:func:`amgsn.ops.saliency_bank_read`, bilinear). A never-seen image that is not refreshed reads a
 constant map: the ABMG noise alone then chooses its mask (random masking) until its turn comes.
 
@@ -31,6 +32,7 @@ from amgsn.ops import reference as ref_ops
 from amgsn.ops import saliency_bank_read, saliency_bank_write_
 
 NEVER = -1  # last-refresh step of an image never written
+DEFAULT_BLEND = 0.5  # SaliencyBank.blend
 
 
 class SaliencyRefresh(NamedTuple):
@@ -62,10 +64,14 @@ class SaliencyBank:
         refresh: P in (0, 1] — the fraction of each batch that goes through the teacher.
         device: where the maps live (the training device: reads and writes run there).
         impl: ``fused`` (the compiled / Triton ops) | ``reference`` (the pure-PyTorch twins).
+        blend: how far a refresh moves a seen map inside the view's crop box (1: overwrite). Below 1
+            the map averages the views it was refreshed from, which agrees better with a fresh teacher
+            on an unseen view than the last view alone (the teacher's saliency is partly view-specific;
+            RESULTS.md, issue 19).
     """
 
     def __init__(self, num_images: int, grid: int | Sequence[int], refresh: float, device: str | torch.device = "cpu",
-                 impl: str = "fused") -> None:
+                 impl: str = "fused", blend: float = DEFAULT_BLEND) -> None:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
@@ -75,6 +81,9 @@ class SaliencyBank:
             raise ValueError(f"refresh must lie in (0, 1], got {refresh!r}")
         if impl not in ("fused", "reference"):
             raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
+        if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not 0.0 < blend <= 1.0:
+            raise ValueError(f"blend must lie in (0, 1], got {blend!r}")
+        self.blend = float(blend)
         self.num_images, self.grid, self.refresh, self.impl = num_images, (int(gh), int(gw)), float(refresh), impl
         self.maps = torch.zeros(num_images, gh, gw, dtype=torch.float16, device=device)
         self.last_refresh = torch.full((num_images,), NEVER, dtype=torch.int64)
@@ -125,7 +134,7 @@ class SaliencyBank:
             boxes, flips = split_views(views.index_select(0, keep_dev.to(views.device)).to(dev))
             s = scores.index_select(0, keep_dev).to(dev)
             op = saliency_bank_write_ if self.impl == "fused" else ref_ops.saliency_bank_write_
-            op(self.maps, idx.to(dev), s, boxes, flips, fresh.to(dev))
+            op(self.maps, idx.to(dev), s, boxes, flips, fresh.to(dev), self.blend)
             self.last_refresh[idx] = self.clock
         self.clock += 1
 
@@ -135,7 +144,8 @@ class SaliencyBank:
         """Tensors and plain types only (checkpoints load with ``weights_only=True``)."""
         return {"maps": self.maps.detach().cpu().clone(), "last_refresh": self.last_refresh.clone(),
                 "clock": self.clock,
-                "config": {"num_images": self.num_images, "grid": list(self.grid), "refresh": self.refresh}}
+                "config": {"num_images": self.num_images, "grid": list(self.grid), "refresh": self.refresh,
+                           "blend": self.blend}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; ValueError if it is for another training set or patch grid."""

@@ -279,14 +279,15 @@ def saliency_bank_write_(
     boxes: torch.Tensor,
     flips: torch.Tensor,
     fresh: torch.Tensor,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
     """Warp each view's scores (B, Gh*Gw) back into its image's bank map (in place; distinct indices).
 
     Scores are min-max normalised per view (a constant view -> 0). Bank cell (i, j) has its centre
-    ((j+0.5)/Gw, (i+0.5)/Gh) in the original image; inside the view's crop box (edges included) it
-    takes the view's normalised scores sampled bilinearly (border padding) at that point, flipped
-    back; outside it keeps its value, unless the image is ``fresh`` (never seen) — then every cell
-    takes the sampled value (border extension). Returns ``bank``."""
+    ((j+0.5)/Gw, (i+0.5)/Gh) in the original image; ``s`` = the view's normalised scores sampled there
+    bilinearly (border padding), flipped back. A ``fresh`` (never seen) image's cells all take ``s``;
+    a seen image's cells inside the crop box (edges included) become ``m + alpha * (s - m)``, the others
+    keep their value. Returns ``bank``."""
     M, Gh, Gw = bank.shape
     B = len(indices)
     s = scores.float().reshape(B, Gh * Gw)
@@ -304,6 +305,8 @@ def saliency_bank_write_(
     grid = _view_grid(x, y)
     sampled = torch.nn.functional.grid_sample(s.reshape(B, 1, Gh, Gw), grid, mode="bilinear",
                                               padding_mode="border", align_corners=False)[:, 0]
-    write = inside | fresh.reshape(B, 1, 1)
-    bank[indices] = torch.where(write, sampled.to(bank.dtype), bank[indices])
+    old = bank[indices].float()
+    fresh = fresh.reshape(B, 1, 1)
+    new = torch.where(fresh, sampled, old + alpha * (sampled - old))
+    bank[indices] = torch.where(inside | fresh, new.to(bank.dtype), bank[indices])
     return bank

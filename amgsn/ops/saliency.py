@@ -105,24 +105,24 @@ def saliency_bank_read(
 # ------------------------------------------------------------------------------------ write
 
 
-def _write_triton(bank, indices, scores, boxes, flips, fresh) -> None:
-    _kernels().saliency_bank_write_(bank, indices, scores, boxes, flips, fresh)
+def _write_triton(bank, indices, scores, boxes, flips, fresh, alpha) -> None:
+    _kernels().saliency_bank_write_(bank, indices, scores, boxes, flips, fresh, alpha)
 
 
 @torch.library.custom_op("amgsn::saliency_bank_write_", mutates_args=("bank",), device_types="cpu")
 def _write_op(bank: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor,
-              flips: torch.Tensor, fresh: torch.Tensor) -> None:
+              flips: torch.Tensor, fresh: torch.Tensor, alpha: float) -> None:
     if TRITON_ON_CPU:
-        _write_triton(bank, indices, scores, boxes, flips, fresh)
+        _write_triton(bank, indices, scores, boxes, flips, fresh, alpha)
         return
-    torch.ops.amgsn._saliency_bank_write_cpu(bank, indices, scores, boxes, flips, fresh)
+    torch.ops.amgsn._saliency_bank_write_cpu(bank, indices, scores, boxes, flips, fresh, alpha)
 
 
 _write_op.register_kernel("cuda")(_write_triton)
 
 
 @_write_op.register_fake
-def _write_fake(bank, indices, scores, boxes, flips, fresh) -> None:
+def _write_fake(bank, indices, scores, boxes, flips, fresh, alpha) -> None:
     return None
 
 
@@ -133,6 +133,7 @@ def saliency_bank_write_(
     boxes: torch.Tensor,
     flips: torch.Tensor,
     fresh: torch.Tensor,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
     """Warp fresh view scores back into their images' bank maps, in place (docs/method.md §4.4).
 
@@ -142,11 +143,13 @@ def saliency_bank_write_(
         scores: (B, Gh*Gw) float — the teacher's scores on each view's patch grid.
         boxes, flips: as for :func:`saliency_bank_read`.
         fresh: (B,) bool — the image was never written before: fill its whole map.
+        alpha: in [0, 1] — how far a seen image's cells move towards the new view (1: overwrite; below
+            1 the map averages over the views it was refreshed from).
     Returns:
-        ``bank``. Each view's scores are min-max normalised (a constant view -> 0); bank cell (i, j)
-        whose centre lies inside the crop box takes them sampled bilinearly at its place in the view
-        (flipped back); other cells keep their value, except for ``fresh`` images, where every cell
-        takes the sampled value (border extension).
+        ``bank``. Each view's scores are min-max normalised (a constant view -> 0) and sampled
+        bilinearly at each bank cell's place in the view (flipped back): ``s``. A ``fresh`` image's
+        cells all take ``s`` (border extension outside the crop box); a seen image's cells whose centre
+        lies inside the crop box become ``m + alpha * (s - m)``, the others keep their value.
     """
     B = _check_views(bank, indices, boxes, flips)
     check_tensor("scores", scores, ndim=2, floating=True)
@@ -155,7 +158,9 @@ def saliency_bank_write_(
     check_tensor("fresh", fresh, ndim=1, dtypes=(torch.bool,))
     check_dim("fresh", fresh, 0, B, "one flag per index")
     check_same_device(bank=bank, scores=scores, fresh=fresh)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     if indices.device.type == "cpu" and B and torch.unique(indices).numel() != B:
         raise ValueError("indices must be distinct (one view per bank row in one write)")
-    _write_op(bank, indices, scores, boxes, flips, fresh)
+    _write_op(bank, indices, scores, boxes, flips, fresh, float(alpha))
     return bank
