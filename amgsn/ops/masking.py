@@ -475,6 +475,26 @@ def _unpack_fake(y, inv):
     return y.new_empty((inv.shape[0], inv.shape[1], y.shape[1]))
 
 
+def _unpack_setup(ctx, inputs, output):
+    y, inv = inputs
+    ctx.save_for_backward(inv)
+    ctx.T = y.shape[0]
+
+
+def _unpack_backward(ctx, grad):
+    # Only reached by double backward through the fused op: the adjoint gathers each packed row back
+    # from its patch. Every row t has exactly one kept (b, n); masked positions add exact zeros.
+    (inv,) = ctx.saved_tensors
+    D = grad.shape[-1]
+    kept = (inv >= 0)[..., None]
+    rows = inv.clamp_min(0).reshape(-1).long()
+    src = torch.where(kept, grad, torch.zeros_like(grad)).reshape(-1, D)
+    return grad.new_zeros((ctx.T, D)).index_put_((rows,), src, accumulate=True), None
+
+
+_unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup)
+
+
 def _fused_setup(ctx, inputs, output):
     x, cu_seqlens = inputs[2], inputs[4]
     ctx.set_materialize_grads(False)  # ids_keep / mask / inv get no gradient: no zero tensors for them
