@@ -10,6 +10,7 @@ import torch
 
 from amgsn.benchmarking import all_cases
 from amgsn.cli import main
+from amgsn.engine.bench_step import DEFAULT_REFRESH
 
 
 def test_bench_cpu_table_and_json(tmp_path, capsys, monkeypatch):
@@ -33,7 +34,8 @@ def test_bench_cpu_table_and_json(tmp_path, capsys, monkeypatch):
     assert step_row["op"].startswith("pretrain step") and "depth 1 32px/8 B=4" in step_row["shape"]
     assert step_row["ours_ms"] == result["step"]["fused"]["median_ms"]
     assert step_row["reference_ms"] == result["step"]["reference"]["median_ms"]
-    assert bank_row["op"] == "pretrain step + saliency bank P=0.25" and bank_row["shape"] == step_row["shape"]
+    assert bank_row["op"] == f"pretrain step + saliency bank P={DEFAULT_REFRESH:g}"
+    assert bank_row["shape"] == step_row["shape"]
     assert bank_row["ours_ms"] == result["step"]["fused_bank"]["median_ms"] and bank_row["target"] == 1.5
     assert "pretrain step" in table
     assert table.splitlines()[1].split()[:5] == ["op", "shape", "ours_ms", "reference_ms", "ratio"]
@@ -54,7 +56,7 @@ def test_bench_step_json(capsys):
     for name in ("fused", "fused_bank", "reference", "mae_random"):
         assert result[name]["median_ms"] > 0 and result[name]["images_per_s"] > 0
     assert result["fused_speedup_vs_reference"] > 0
-    assert result["fused_bank"]["saliency_refresh"] == 0.25 and result["reference_over_fused_bank"] > 0
+    assert result["fused_bank"]["saliency_refresh"] == DEFAULT_REFRESH and result["reference_over_fused_bank"] > 0
     # fused_bank alone, with its own P; the teacher's FLOPs count only the refreshed images.
     assert main(["bench-step", "--img-size", "32", "--batch-size", "4", "--depth", "1", "--steps", "1", "--device",
                  "cpu", "--json", "--variants", "fused_bank", "--saliency-refresh", "0.5"]) == 0

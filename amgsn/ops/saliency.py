@@ -13,8 +13,10 @@ kernel = Triton (``amgsn.kernels.saliency``), with ``register_fake``; pure-PyTor
 Triton launchers (see :mod:`amgsn.ops.masking`).
 
 Checks that need the values (index range, box sizes) run on the host for CPU tensors (ValueError naming
-the argument). On CUDA they would cost a host sync: there the kernels bound every bank row and report a
-bad index through a device-side assert; box values are the caller's (the data pipeline's) contract.
+the argument; under ``torch.compile`` only the C++ kernels' own index checks remain). On CUDA they would
+cost a host sync: there the kernels bound every bank row and report a bad index through a device-side
+assert; box values are the caller's (the data pipeline's) contract. Both ops work under
+``torch.compile(fullgraph=True)`` on the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _check_views(bank: object, indices: object, boxes: object, flips: object) ->
     check_tensor("flips", flips, ndim=1, dtypes=(torch.bool,))
     check_dim("flips", flips, 0, B, "one flag per index")
     check_same_device(bank=bank, indices=indices, boxes=boxes, flips=flips)
-    if indices.device.type == "cpu" and B:
+    if indices.device.type == "cpu" and B and not torch.compiler.is_compiling():  # the C++ kernels check too
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= M:
             raise ValueError(f"indices must lie in [0, {M}) (rows of the bank), got values in [{lo}, {hi}]")
@@ -160,7 +162,7 @@ def saliency_bank_write_(
     check_same_device(bank=bank, scores=scores, fresh=fresh)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
-    if indices.device.type == "cpu" and B and torch.unique(indices).numel() != B:
+    if indices.device.type == "cpu" and B and not torch.compiler.is_compiling() and torch.unique(indices).numel() != B:
         raise ValueError("indices must be distinct (one view per bank row in one write)")
     _write_op(bank, indices, scores, boxes, flips, fresh, float(alpha))
     return bank
