@@ -275,8 +275,15 @@ def test_pretrain_p1_is_todays_abmg_and_the_bank_path_keeps_the_data_stream(tiny
 
 
 def test_pretrain_with_bank_logs_agreement_and_resumes_exactly(tiny_synthetic, tmp_path):
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from amgsn.engine.common import Preempted
+
     kw = dict(epochs=3, abmg_warmup=1, saliency_refresh=0.25, **TINY)
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full, cut = tmp_path / "full", tmp_path / "cut"
     pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(full), **kw))
     records = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     assert records[0]["saliency_agreement"] is None and records[0]["saliency_coverage"] == 0.0  # warm-up
@@ -287,10 +294,50 @@ def test_pretrain_with_bank_logs_agreement_and_resumes_exactly(tiny_synthetic, t
     assert (state["saliency_bank"]["last_refresh"] >= 0).sum() == 32 and state["saliency_bank"]["clock"] == 16
     gallery = np.load(full / "mask_gallery" / "end.npz")
     assert gallery["bank_mask"].shape == gallery["abmg_mask"].shape and gallery["bank_seen"].dtype == bool
-    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(resumed), resume=str(full / "checkpoint-1.pth"),
-                            **kw))
-    _same_checkpoints(full / "checkpoint-last.pth", resumed / "checkpoint-last.pth",
+    # SIGTERM inside epoch 1 (ABMG on, the bank half-written), then resume: the same end state.
+    steps = []
+    hook = register_optimizer_step_post_hook(
+        lambda *_: steps.append(1) or (len(steps) == 11 and os.kill(os.getpid(), signal.SIGTERM)))
+    try:
+        with pytest.raises(Preempted):
+            pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(cut), **kw))
+    finally:
+        hook.remove()
+    mid = load_checkpoint(cut / "checkpoint-last.pth")
+    assert mid["in_epoch"]["epoch"] == 1 and 0 < mid["in_epoch"]["batches"] < 8
+    assert 0 < int((mid["saliency_bank"]["last_refresh"] >= 0).sum()) < 32
+    pretrain(PretrainConfig(data_dir=str(tiny_synthetic), out=str(cut), resume=str(cut / "checkpoint-last.pth"), **kw))
+    _same_checkpoints(full / "checkpoint-last.pth", cut / "checkpoint-last.pth",
                       ("model", "optimizer", "ratio_bank", "saliency_bank"))
+
+
+def _ddp_rank(rank: int, world: int, port: int, data: str, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    summary = pretrain(PretrainConfig(data_dir=data, out=out, epochs=2, abmg_warmup=1, saliency_refresh=0.25,
+                                      **TINY))
+    torch.save(summary["saliency_bank"], f"{out}-rank{rank}.pt")
+
+
+@pytest.mark.dist
+def test_pretrain_ddp_saliency_bank_identical_on_every_rank(tiny_synthetic, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tiny_synthetic), str(tmp_path / "run")), nprocs=2)
+    banks = [torch.load(tmp_path / f"run-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(banks[0]["maps"], banks[1]["maps"])
+    assert torch.equal(banks[0]["last_refresh"], banks[1]["last_refresh"])
+    # One ABMG epoch: 4 steps x 2 ranks x ceil(.25 * 8) = 2 images each, all written on both ranks.
+    assert int((banks[0]["last_refresh"] >= 0).sum()) == 16 and banks[0]["clock"] == 4
+    assert banks[0]["maps"].abs().sum() > 0
 
 
 def test_pretrain_rejects_bad_refresh(tmp_path):

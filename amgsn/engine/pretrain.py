@@ -408,4 +408,5 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         write_mask_gallery(model, cfg, out / "mask_gallery" / "end.npz", device, sal_bank)
     distributed.barrier()
     return {**record, "out": str(out), "checkpoint": str(out / "checkpoint-last.pth"),
-            "ratio_bank": bank.all_ratios, "rank": dist.rank}
+            "ratio_bank": bank.all_ratios, "rank": dist.rank,
+            "saliency_bank": None if sal_bank is None else sal_bank.state_dict()}
