@@ -157,7 +157,8 @@ def _run_bench(args) -> int:
 
 @command
 def _add_bench_step(sub) -> None:
-    p = sub.add_parser("bench-step", help="median pre-training step time: fused vs reference vs plain MAE")
+    p = sub.add_parser("bench-step", help="median pre-training step time: fused, fused + saliency bank, reference, "
+                                          "plain MAE")
     p.add_argument("--model", default="vit_tiny", choices=["vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--patch-size", type=int, default=8)

@@ -412,3 +412,24 @@ def test_ops_compile_fullgraph(seed):
     torch.compile(write, fullgraph=True)(compiled, idx, scores, boxes, flips, fresh, alpha)
     write(eager, idx, scores, boxes, flips, fresh, alpha)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.cuda
+def test_cuda_ops_match_reference_without_host_sync(seed):
+    """The compiled Triton kernels on the GPU (benchmarks/gpu_check.sh): fp16 bank, vs the reference, and no
+    host sync inside either op."""
+    for grid in ((1, 1), (7, 7), (14, 14)):
+        bank, idx, boxes, flips, scores, fresh, alpha = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                                         for t in _case(grid, seed))
+        want_read = ref.saliency_bank_read(bank, idx, boxes, flips)
+        want_bank = ref.saliency_bank_write_(bank.clone(), idx, scores, boxes, flips, fresh, alpha)
+        out = bank.clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = saliency_bank_read(bank, idx, boxes, flips)
+            saliency_bank_write_(out, idx, scores, boxes, flips, fresh, alpha)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got, want_read, rtol=0, atol=1e-5)  # FMA contraction on the GPU: a few ulp
+        torch.testing.assert_close(out.float(), want_bank.float(), rtol=0, atol=1e-3)  # one fp16 ulp at 1.0
