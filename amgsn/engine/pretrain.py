@@ -171,7 +171,11 @@ def saliency_agreement(policy: MaskingPolicy, model: MaskedAutoencoderViT, sal_b
 
 
 def _write_refreshed(sal_bank: SaliencyBank, refreshed: SaliencyRefresh, device: str) -> None:
-    """Every rank writes every rank's refreshed maps, in rank order: the banks stay identical."""
+    """Every rank writes every rank's refreshed maps, in rank order: the banks stay identical. (One
+    process: the indices stay on the host — no device round trip, no sync.)"""
+    if not distributed.info().enabled:
+        sal_bank.write(refreshed.indices, refreshed.scores, refreshed.views)
+        return
     idx = distributed.all_gather_cat(refreshed.indices.to(device)).cpu()
     scores = distributed.all_gather_cat(refreshed.scores.float())
     views = distributed.all_gather_cat(refreshed.views.float())

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from amgsn.masking.saliency_bank import SaliencyBank, SaliencyRefresh
+from amgsn.masking.saliency_bank import SaliencyBank, SaliencyRefresh, to_device
 from amgsn.models.vit_mae import MAEOutput, MaskedAutoencoderViT
 from amgsn.ops import MaskSelection, abmg_mask_and_gather, abmg_select, cls_attention_scores, gather_visible
 from amgsn.ops import reference as ref_ops
@@ -251,7 +251,7 @@ class MaskingPolicy:
                           views: torch.Tensor) -> MaskedBatch:
         B, N, _ = tokens.shape
         pos = bank.plan(indices)  # host-side: the refresh steps live on the CPU
-        pos_dev = pos.to(tokens.device, non_blocking=True)
+        pos_dev = to_device(pos, tokens.device)
         sub_imgs = imgs.index_select(0, pos_dev) if self.teacher_kind == "ema" else imgs  # online: tokens only
         q, k = self._teacher_qk(model, sub_imgs, tokens.detach().index_select(0, pos_dev))
         fresh = self._scores(q, k)  # (k, N)

@@ -7,9 +7,10 @@ coordinates, fp16, with the bank step at which it was last written (-1: never). 
 ``ceil(P * B)`` images of the batch go through the teacher — never-seen first, then the oldest maps
 (ties: batch order); their scores are warped back through the view's crop box and flip into the bank
 (:func:`amgsn.ops.saliency_bank_write_`; inside the crop box a seen map moves half-way towards the new
-view — ``blend`` — so it averages the views it was refreshed from). Every other image reads its view's scores out of the bank
-(:func:`amgsn.ops.saliency_bank_read`, bilinear). A never-seen image that is not refreshed reads a
-constant map: the ABMG noise alone then chooses its mask (random masking) until its turn comes.
+view — ``blend`` — so it averages the views it was refreshed from). Every other image reads its view's
+scores out of the bank (:func:`amgsn.ops.saliency_bank_read`, bilinear). A never-seen image that is not
+refreshed reads a constant map: the ABMG noise alone then chooses its mask (random masking) until its
+turn comes.
 
 A *view* is a (5,) row ``(top, left, height, width, flipped)``: the crop box in fractions of the
 original image and the horizontal flip (what :class:`amgsn.data.transforms.ViewRecordingTransform`
@@ -42,6 +43,15 @@ class SaliencyRefresh(NamedTuple):
     indices: torch.Tensor
     scores: torch.Tensor
     views: torch.Tensor
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor to ``device`` without a host sync: through pinned memory, non-blocking, on CUDA (a
+    pageable copy may wait for the stream). The refresh plan and the indices live on the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def split_views(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +125,7 @@ class SaliencyBank:
 
     def read(self, indices: torch.Tensor | Sequence[int], views: torch.Tensor) -> torch.Tensor:
         """(B, N) float32 on the bank's device: the views' scores resampled out of the bank."""
-        idx = _as_index(indices, self.num_images).to(self.device)
+        idx = to_device(_as_index(indices, self.num_images), self.device)
         boxes, flips = split_views(views.to(self.device))
         op = saliency_bank_read if self.impl == "fused" else ref_ops.saliency_bank_read
         return op(self.maps, idx, boxes, flips)
@@ -125,16 +135,17 @@ class SaliencyBank:
         view. Advances the bank's clock by one."""
         idx = _as_index(indices, self.num_images)
         if idx.numel():
+            dev = self.device
             # Keep the last occurrence of each index (batch order), as the bank's contract says.
             keep = (idx.numel() - 1 - _first_occurrence(idx.flip(0))).sort().values
-            idx = idx[keep]
+            if keep.numel() < idx.numel():  # repeated indices (sampling with replacement): drop the earlier
+                scores = scores.index_select(0, to_device(keep, scores.device))
+                views = views.index_select(0, to_device(keep, views.device))
+                idx = idx[keep]
             fresh = self.last_refresh[idx] == NEVER
-            dev = self.device
-            keep_dev = keep.to(scores.device)
-            boxes, flips = split_views(views.index_select(0, keep_dev.to(views.device)).to(dev))
-            s = scores.index_select(0, keep_dev).to(dev)
+            boxes, flips = split_views(views.to(dev))
             op = saliency_bank_write_ if self.impl == "fused" else ref_ops.saliency_bank_write_
-            op(self.maps, idx.to(dev), s, boxes, flips, fresh.to(dev), self.blend)
+            op(self.maps, to_device(idx, dev), scores.to(dev), boxes, flips, to_device(fresh, dev), self.blend)
             self.last_refresh[idx] = self.clock
         self.clock += 1
 
