@@ -433,3 +433,22 @@ def test_cuda_ops_match_reference_without_host_sync(seed):
             torch.cuda.set_sync_debug_mode(0)
         torch.testing.assert_close(got, want_read, rtol=0, atol=1e-5)  # FMA contraction on the GPU: a few ulp
         torch.testing.assert_close(out.float(), want_bank.float(), rtol=0, atol=1e-3)  # one fp16 ulp at 1.0
+
+
+@pytest.mark.parametrize("teacher,impl", [("ema", "fused"), ("online", "reference"), ("ema", "reference")])
+def test_policy_bank_path_for_every_teacher_and_impl(teacher, impl, seed):
+    torch.manual_seed(seed)
+    model = MaskedAutoencoderViT("vit_tiny", img_size=32, patch_size=8, depth=2, decoder_depth=1)
+    policy = MaskingPolicy("abmg_mrus", epochs=2, warmup_epochs=0, teacher=teacher, impl=impl)
+    bank = SaliencyBank(20, 4, refresh=0.3, impl=impl)
+    seen = []
+    net = policy._ensure_ema(model).module if teacher == "ema" else model
+    real = net.teacher_qk
+    net.teacher_qk = lambda *a, **k: (seen.append((a[0] if a else k["tokens"]).shape[0]), real(*a, **k))[1]
+    views = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.2, 0.6, 0.7, 1.0]] * 4)
+    batch = policy.select(model, torch.randn(8, 3, 32, 32), torch.full((8,), 0.75), 1, bank=bank,
+                          indices=torch.arange(8) * 2, views=views)
+    assert seen == [3] and batch.refreshed.indices.tolist() == [0, 2, 4]
+    assert batch.encoder == ("packed" if impl == "fused" else "padded") and batch.visible.shape[0] == 8 * 4
+    bank.write(*batch.refreshed)
+    assert bank.coverage() == 3 / 20
