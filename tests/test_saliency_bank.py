@@ -198,8 +198,10 @@ def test_view_recording_transform_draws_the_same_and_records_the_view():
         expected = plain(img)
         random.seed(s)
         torch.manual_seed(s)
-        got, view = recording(img)
+        got, view, whole = recording(img)
         assert torch.equal(got, expected)
+        whole_row = whole[0, 16] * 0.229 + 0.485  # the whole image, never flipped: spans x = 0 .. 1
+        assert float(whole_row[0]) < 0.05 and float(whole_row[-1]) > 0.95
         top, left, h, w, flipped = view.tolist()
         assert 0 <= top and 0 <= left and top + h <= 1 + 1e-6 and left + w <= 1 + 1e-6 and 0.3 < h * w <= 1.0
         row = got[0, 16] * 0.229 + 0.485  # de-normalised red channel, one row
@@ -242,6 +244,42 @@ def test_policy_runs_the_teacher_on_the_refreshed_images_only(seed):
     assert torch.equal(batch.selection.mask, want.mask) and torch.equal(batch.selection.ids_keep, want.ids_keep)
     with pytest.raises(ValueError, match="indices and views"):
         policy.select(model, imgs, ratios, epoch=1, bank=bank)
+
+
+def test_policy_refreshes_from_whole_images(seed):
+    """With the whole images, the teacher sees the refreshed images whole; their masks this step come from
+    those whole-image maps read through their views (by hand: reference write + read)."""
+    torch.manual_seed(seed)
+    model = MaskedAutoencoderViT("vit_tiny", img_size=32, patch_size=8, depth=2, decoder_depth=1)
+    policy = MaskingPolicy("abmg_mrus", epochs=2, warmup_epochs=0)
+    B, N = 8, 16
+    bank = SaliencyBank(20, 4, refresh=0.3)
+    gen = torch.Generator().manual_seed(seed)
+    imgs, wholes = torch.randn(B, 3, 32, 32, generator=gen), torch.randn(B, 3, 32, 32, generator=gen)
+    indices = torch.tensor([3, 11, 5, 17, 0, 8, 2, 19])
+    boxes, flips = _views(B, gen)
+    views = torch.cat([boxes, flips.float()[:, None]], 1)
+    bank.write(indices[:5], torch.rand(5, N, generator=gen), views[:5])
+    before = bank.maps.clone()
+    ratios = torch.rand(B, generator=gen) * 0.4 + 0.5
+    state = torch.get_rng_state()
+    batch = policy.select(model, imgs, ratios, epoch=1, bank=bank, indices=indices, views=views, wholes=wholes)
+    assert torch.equal(bank.maps, before)  # select only reads: the caller writes (after gathering ranks)
+    with torch.no_grad():
+        model.eval()
+        q, k, _ = model.teacher_qk(wholes[5:])
+        model.train()
+    fresh = cls_attention_scores(q, k)
+    torch.testing.assert_close(batch.refreshed.scores, fresh)
+    expected = bank.read(indices, views)
+    new_maps = ref.saliency_bank_write_(torch.zeros(3, 4, 4, dtype=torch.float16), torch.arange(3), fresh,
+                                        torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3), torch.zeros(3, dtype=torch.bool),
+                                        torch.ones(3, dtype=torch.bool))
+    expected[5:] = ref.saliency_bank_read(new_maps, torch.arange(3), boxes[5:], flips[5:])
+    torch.set_rng_state(state)
+    want = abmg_select(expected, ratios, torch.rand(B, N) * policy.sigma, relative_noise=True)
+    assert torch.equal(batch.selection.mask, want.mask)
+
 
 
 TINY = dict(img_size=32, patch_size=8, depth=1, decoder_depth=1, batch_size=8, workers=0, progress=False,
@@ -447,8 +485,9 @@ def test_policy_bank_path_for_every_teacher_and_impl(teacher, impl, seed):
     net.teacher_qk = lambda *a, **k: (seen.append((a[0] if a else k["tokens"]).shape[0]), real(*a, **k))[1]
     views = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.2, 0.6, 0.7, 1.0]] * 4)
     batch = policy.select(model, torch.randn(8, 3, 32, 32), torch.full((8,), 0.75), 1, bank=bank,
-                          indices=torch.arange(8) * 2, views=views)
+                          indices=torch.arange(8) * 2, views=views, wholes=torch.randn(8, 3, 32, 32))
     assert seen == [3] and batch.refreshed.indices.tolist() == [0, 2, 4]
+    assert torch.equal(batch.refreshed.views, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]] * 3))  # whole images
     assert batch.encoder == ("packed" if impl == "fused" else "padded") and batch.visible.shape[0] == 8 * 4
     bank.write(*batch.refreshed)
     assert bank.coverage() == 3 / 20

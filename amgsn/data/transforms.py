@@ -44,9 +44,9 @@ def build_pretrain_transform(
     The crop scale is milder than MAE's (0.2, 1): FER images are tight face crops, and a 20 %
     crop of a face often holds no expression at all.
 
-    ``record_view=True`` (the saliency bank, docs/method.md §4.4) returns ``(tensor, view)`` instead,
-    ``view`` the (5,) crop box and flip of :class:`ViewRecordingTransform`; the tensor is the same, drawn
-    from the same random numbers.
+    ``record_view=True`` (the saliency bank, docs/method.md §4.4) returns ``(tensor, view, whole)``
+    instead (:class:`ViewRecordingTransform`): the same tensor, drawn from the same random numbers, its
+    (5,) crop box and flip, and the whole image resized to the same size (for the teacher's refreshes).
     """
     _check_size(image_size)
     tf = create_transform(image_size, is_training=True, scale=_check_scale(scale), hflip=hflip,
@@ -56,13 +56,15 @@ def build_pretrain_transform(
 
 class ViewRecordingTransform:
     """timm's pre-training transform (RandomResizedCrop, RandomHorizontalFlip, the rest) that also
-    returns the view it made: ``img -> (tensor, view)``, ``view`` = float32 ``(top, left, height,
-    width, flipped)`` — the crop box in fractions of the original image's height / width, and 1.0 if
-    the crop was flipped horizontally.
+    returns the view it made and the whole image: ``img -> (tensor, view, whole)``. ``view`` = float32
+    ``(top, left, height, width, flipped)`` — the crop box in fractions of the original image's height /
+    width, and 1.0 if the crop was flipped horizontally; ``whole`` = the whole image resized (same
+    interpolation) to the crop's output size, unflipped, through the same final steps (the view
+    ``(0, 0, 1, 1, 0)``).
 
     It draws exactly the random numbers the wrapped ``Compose`` draws, in the same order (the crop's
-    ``get_params`` from Python's ``random``, the flip's ``torch.rand(1)``), so ``tensor`` equals
-    ``transform(img)`` under the same seeds.
+    ``get_params`` from Python's ``random``, the flip's ``torch.rand(1)``; ``whole`` draws none), so
+    ``tensor`` equals ``transform(img)`` under the same seeds.
     """
 
     def __init__(self, transform: Any) -> None:
@@ -74,21 +76,22 @@ class ViewRecordingTransform:
         self.transform = transform
         self.crop, self.flip, self.rest = steps[0], steps[1], steps[2:]
 
-    def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width, height = tv_functional.get_image_size(img)
         crop = self.crop
         i, j, h, w = crop.get_params(img, crop.scale, crop.ratio)
         interpolation = crop.interpolation
         if isinstance(interpolation, (tuple, list)):
             interpolation = random.choice(interpolation)
+        whole = tv_functional.resize(img, list(crop.size), interpolation)
         img = tv_functional.resized_crop(img, i, j, h, w, list(crop.size), interpolation)
         flipped = bool(torch.rand(1) < self.flip.p)
         if flipped:
             img = tv_functional.hflip(img)
         for t in self.rest:
-            img = t(img)
+            img, whole = t(img), t(whole)
         view = torch.tensor([i / height, j / width, h / height, w / width, float(flipped)], dtype=torch.float32)
-        return img, view
+        return img, view, whole
 
     def __repr__(self) -> str:
         return f"ViewRecordingTransform({self.transform!r})"

@@ -26,6 +26,7 @@ import torch
 
 from amgsn.engine.common import autocast, resolve_device
 from amgsn.masking import MaskingPolicy, RatioBank, SaliencyBank
+from amgsn.masking.saliency_bank import IDENTITY_VIEW
 from amgsn.models import MaskedAutoencoderViT
 from amgsn.models.attention import resolve_backend
 
@@ -114,18 +115,19 @@ class _Variant:
 
     @torch.no_grad()
     def _warm_bank(self) -> None:
-        """Every image through the teacher once, written into the bank (not timed)."""
+        """Every image through the teacher once, whole, written into the bank (not timed)."""
         with autocast(self.device):
             scores = self.policy.teacher_scores(self.net, self.imgs)
-        self.saliency.write(self.indices, scores, self._views())
+        self.saliency.write(self.indices, scores, scores.new_tensor([IDENTITY_VIEW]).expand(len(scores), 5))
 
     def step(self) -> None:
         uses_bank = self.policy.uses_ratio_bank
         ratios = self.bank.ratios(self.indices) if uses_bank else self.fixed_ratio
         views = self._views() if self.saliency is not None else None
         with autocast(self.device):
+            # The bench's images stand for the originals: the teacher refreshes from them whole.
             batch = self.policy.select(self.net, self.imgs, ratios, epoch=0, bank=self.saliency, indices=self.indices,
-                                       views=views)
+                                       views=views, wholes=self.imgs if views is not None else None)
             out = self.net(self.imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
         if batch.refreshed is not None:
             self.saliency.write(batch.refreshed.indices, batch.refreshed.scores, batch.refreshed.views)

@@ -7,10 +7,11 @@ bank. Output folder: ``config.json``, ``log.jsonl`` (one line per epoch), ``chec
 ``checkpoint-last.pth`` (atomic), ``mask_gallery/{start,end}.npz``.
 
 ``--saliency-refresh P`` < 1 (docs/method.md §4.4) adds the saliency bank: the loader hands each view's
-crop box and flip to the step, the teacher runs on ``ceil(P * B)`` images of the batch (never-seen first,
-then the oldest maps), the rest read their scores out of the bank; the ranks gather the refreshed maps
-so every rank's bank is the same; the bank is checkpointed; each epoch logs ``saliency_agreement``
-(Spearman, bank vs a fresh teacher pass, on a fixed probe batch). P = 1 is §4.1 exactly.
+crop box and flip (and the whole image) to the step, the teacher runs on the whole images of
+``ceil(P * B)`` images of the batch (never-seen first, then the oldest maps), every view reads its scores
+out of the bank; the ranks gather the refreshed maps so every rank's bank is the same; the bank is
+checkpointed; each epoch logs ``saliency_agreement`` (Spearman, bank vs a fresh teacher pass, on a
+fixed probe batch). P = 1 is §4.1 exactly.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _load_train_set(cfg: PretrainConfig):
     from amgsn.data.transforms import build_pretrain_transform
 
     # Decode once: small sets are cached in memory (the loader must not be the step's bottleneck).
-    # With the saliency bank each item is ((image, view), label, index): the same image, same draws.
+    # With the saliency bank each item is ((image, view, whole image), label, index): the same image, same draws.
     tf = build_pretrain_transform(cfg.img_size, record_view=cfg.uses_saliency_bank)
     return build_dataset(cfg.dataset, cfg.data_dir, "train", transform=tf, skip_bad=cfg.skip_bad,
                          cache=cfg.cache_images)
@@ -151,7 +152,7 @@ def _saliency_probe(dataset, seed: int, device: str) -> tuple[torch.Tensor, torc
 
     items = SeededItems(dataset, seed)
     indices = torch.linspace(0, len(dataset) - 1, min(PROBE_SIZE, len(dataset))).round().long().unique()
-    imgs, views = zip(*(items[(-1, int(i))][0] for i in indices))
+    imgs, views, _ = zip(*(items[(-1, int(i))][0] for i in indices))
     return indices, torch.stack(imgs).to(device), torch.stack(views).to(device)
 
 
@@ -343,13 +344,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                        disable=not (cfg.progress and dist.is_main), leave=False, dynamic_ncols=True)
             optimizer.zero_grad(set_to_none=True)
             for i, (imgs, _labels, indices) in enumerate(bar, start=tally.first_batch):
-                views = None
+                views = wholes = None
                 if sal_bank is not None:
-                    imgs, views = imgs
+                    imgs, views, wholes = imgs
                 imgs = imgs.to(device, non_blocking=True)
                 ratios = bank.ratios(indices) if policy.uses_ratio_bank else cfg.mask_ratio
                 with autocast(device):
-                    batch = policy.select(model, imgs, ratios, epoch, bank=sal_bank, indices=indices, views=views)
+                    batch = policy.select(model, imgs, ratios, epoch, bank=sal_bank, indices=indices, views=views,
+                                          wholes=wholes)
                     result = ddp_model(imgs, masked=(batch.visible, batch.selection), encoder=batch.encoder)
                 stepped = False
                 if guard.check(result.loss.detach(), f"epoch {epoch} batch {i}", stop):

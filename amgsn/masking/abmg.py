@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from amgsn.masking.saliency_bank import SaliencyBank, SaliencyRefresh, to_device
+from amgsn.masking.saliency_bank import IDENTITY_VIEW, SaliencyBank, SaliencyRefresh, to_device
 from amgsn.models.vit_mae import MAEOutput, MaskedAutoencoderViT
 from amgsn.ops import MaskSelection, abmg_mask_and_gather, abmg_select, cls_attention_scores, gather_visible
 from amgsn.ops import reference as ref_ops
@@ -209,6 +209,7 @@ class MaskingPolicy:
         bank: SaliencyBank | None = None,
         indices: torch.Tensor | None = None,
         views: torch.Tensor | None = None,
+        wholes: torch.Tensor | None = None,
     ) -> MaskedBatch:
         """Embed ``imgs`` (B, C, H, W) with the online ``model`` and choose the visible tokens.
 
@@ -216,17 +217,20 @@ class MaskingPolicy:
         images' device (so a fixed seed fixes the masks). Returns :class:`MaskedBatch`.
 
         With a saliency ``bank`` whose refresh fraction P is below 1 (docs/method.md §4.4), pass the
-        batch's dataset ``indices`` (B,) and ``views`` (B, 5): the teacher then runs on the
-        ``bank.plan(indices)`` images only, the others' scores are read out of the bank, and
-        ``MaskedBatch.refreshed`` carries the fresh scores for the caller to write. P = 1 (or no bank)
-        is the exact ABMG of §4.1.
+        batch's dataset ``indices`` (B,), ``views`` (B, 5) and, preferably, the ``wholes`` (B, C, H, W):
+        each image whole, resized (:class:`~amgsn.data.transforms.ViewRecordingTransform`). The teacher
+        then runs on the ``bank.plan(indices)`` images only — on their whole images when given (a map
+        of the whole image agrees better with the teacher on other views than a map of one crop:
+        RESULTS.md, issue 19), else on their views —, every view's scores are read out of the bank (the
+        refreshed ones out of their maps as refreshed now), and ``MaskedBatch.refreshed`` carries the
+        fresh scores for the caller to write. P = 1 (or no bank) is the exact ABMG of §4.1.
         """
         tokens = model.embed_patches(imgs)  # (B, N, D), with grad: the online model's input
         B, N, _ = tokens.shape
         if bank is not None and bank.refresh < 1.0 and self.uses_abmg(epoch):
             if indices is None or views is None:
                 raise ValueError("select with a saliency bank needs the batch's indices and views")
-            return self._select_with_bank(model, imgs, tokens, ratios, bank, indices, views)
+            return self._select_with_bank(model, imgs, tokens, ratios, bank, indices, views, wholes)
         if not self.uses_abmg(epoch):
             noise = torch.rand(B, N, device=tokens.device)
             zeros = torch.zeros(B, N, device=tokens.device)
@@ -248,15 +252,27 @@ class MaskingPolicy:
 
     def _select_with_bank(self, model: MaskedAutoencoderViT, imgs: torch.Tensor, tokens: torch.Tensor,
                           ratios: float | torch.Tensor, bank: SaliencyBank, indices: torch.Tensor,
-                          views: torch.Tensor) -> MaskedBatch:
+                          views: torch.Tensor, wholes: torch.Tensor | None) -> MaskedBatch:
         B, N, _ = tokens.shape
         pos = bank.plan(indices)  # host-side: the refresh steps live on the CPU
         pos_dev = to_device(pos, tokens.device)
-        sub_imgs = imgs.index_select(0, pos_dev) if self.teacher_kind == "ema" else imgs  # online: tokens only
-        q, k = self._teacher_qk(model, sub_imgs, tokens.detach().index_select(0, pos_dev))
-        fresh = self._scores(q, k)  # (k, N)
         views = views.to(tokens.device, non_blocking=True)
-        scores = bank.read(indices, views).to(tokens.device).index_copy(0, pos_dev, fresh)
+        batch_idx = torch.as_tensor(indices).reshape(-1).cpu()
+        if wholes is not None:  # the teacher sees the refreshed images whole: the identity view
+            sub = wholes.to(tokens.device, non_blocking=True).index_select(0, pos_dev).to(imgs.dtype)
+            with torch.no_grad():
+                q, k = self._teacher_qk(model, sub, model.embed_patches(sub))
+            fresh = self._scores(q, k)  # (k, N) on the whole image's patch grid
+            src = fresh.new_tensor([IDENTITY_VIEW]).expand(len(pos), 5)
+            scores = bank.read(indices, views).to(tokens.device)
+            now = bank.preview(batch_idx[pos], fresh, src, views.index_select(0, pos_dev))
+            scores = scores.index_copy(0, pos_dev, now)
+        else:  # the teacher sees the refreshed views themselves, and this step uses its scores as they are
+            sub_imgs = imgs.index_select(0, pos_dev) if self.teacher_kind == "ema" else imgs  # online: tokens
+            q, k = self._teacher_qk(model, sub_imgs, tokens.detach().index_select(0, pos_dev))
+            fresh = self._scores(q, k)  # (k, N)
+            src = views.index_select(0, pos_dev)
+            scores = bank.read(indices, views).to(tokens.device).index_copy(0, pos_dev, fresh)
         noise = torch.rand(B, N, device=tokens.device) * self.sigma
         if self.impl == "fused":
             sel = abmg_select(scores, ratios, noise, relative_noise=True)
@@ -264,8 +280,7 @@ class MaskingPolicy:
         else:
             sel = ref_ops.abmg_select(scores, ratios, noise, relative_noise=True)
             visible = ref_ops.gather_visible(tokens, sel.ids_keep, sel.cu_seqlens)
-        batch_idx = torch.as_tensor(indices).reshape(-1).cpu()
-        refreshed = SaliencyRefresh(batch_idx[pos], fresh, views.index_select(0, pos_dev))
+        refreshed = SaliencyRefresh(batch_idx[pos], fresh, src)
         return MaskedBatch(visible, sel, self.encoder_path, True, refreshed)
 
     def __call__(

@@ -149,6 +149,23 @@ class SaliencyBank:
             self.last_refresh[idx] = self.clock
         self.clock += 1
 
+    def preview(self, indices: torch.Tensor | Sequence[int], scores: torch.Tensor, src_views: torch.Tensor,
+                views: torch.Tensor) -> torch.Tensor:
+        """(k, N) float32: what these (distinct) images' maps would read through ``views`` after
+        ``write(indices, scores, src_views)`` — the bank itself is left as it is (the caller writes,
+        after gathering over ranks)."""
+        idx = _as_index(indices, self.num_images)
+        dev = self.device
+        maps = self.maps.index_select(0, to_device(idx, dev))  # a copy: (k, Gh, Gw)
+        rows = torch.arange(idx.numel(), device=dev)
+        fresh = to_device(self.last_refresh[idx] == NEVER, dev)
+        boxes, flips = split_views(src_views.to(dev))
+        write = saliency_bank_write_ if self.impl == "fused" else ref_ops.saliency_bank_write_
+        read = saliency_bank_read if self.impl == "fused" else ref_ops.saliency_bank_read
+        write(maps, rows, scores.to(dev), boxes, flips, fresh, self.blend)
+        boxes, flips = split_views(views.to(dev))
+        return read(maps, rows, boxes, flips)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
