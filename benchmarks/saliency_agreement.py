@@ -4,6 +4,8 @@
 * ``logged``     — the checkpoint's bank vs a fresh teacher pass on the probe views (what log.jsonl holds);
 * ``no_stale``   — a bank rewritten *now* for every image, each from ``--views`` training views of its own
                    (so no staleness: what is left is the view-dependence of the teacher and the warping);
+* ``whole``      — a bank written now from each probe image whole (the view (0, 0, 1, 1), unflipped:
+                   what the training loop refreshes from);
 * ``round_trip`` — each probe view written into an empty bank and read back on the same view (the
                    warping / resampling alone).
 
@@ -21,6 +23,7 @@ from amgsn.engine.checkpoint import load_checkpoint
 from amgsn.engine.common import SeededItems
 from amgsn.engine.pretrain import PretrainConfig, _load_train_set, _saliency_probe
 from amgsn.masking import MaskingPolicy, SaliencyBank, spearman
+from amgsn.masking.saliency_bank import IDENTITY_VIEW
 from amgsn.models import MaskedAutoencoderViT
 
 
@@ -51,10 +54,15 @@ def main(argv: list[str] | None = None) -> dict:
     items = SeededItems(dataset, cfg.seed)
     with torch.no_grad():
         for v in range(args.views):
-            pairs = [items[(10_000 + v, int(i))][0] for i in idx]
+            pairs = [items[(10_000 + v, int(i))][0] for i in idx]  # (view, box+flip, whole)
             x, vw = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             now.write(idx, policy.teacher_scores(model, x), vw)
     out["no_stale"] = float(spearman(now.read(idx, views), fresh).mean())
+    whole_imgs = torch.stack([items[(-1, int(i))][0][2] for i in idx])
+    whole = SaliencyBank(len(dataset), grid, cfg.saliency_refresh)
+    identity = torch.tensor([IDENTITY_VIEW] * len(idx))
+    whole.write(idx, policy.teacher_scores(model, whole_imgs), identity)
+    out["whole"] = float(spearman(whole.read(idx, views), fresh).mean())
     trip = SaliencyBank(len(dataset), grid, cfg.saliency_refresh)
     trip.write(idx, fresh, views)
     out["round_trip"] = float(spearman(trip.read(idx, views), fresh).mean())
