@@ -32,8 +32,8 @@ from amgsn.models.attention import resolve_backend
 
 VARIANTS = ("fused", "fused_bank", "reference", "mae_random")
 # fused_bank's P: the smallest refresh fraction whose saliency_agreement held >= 0.7 over the second half of
-# the demo-size pre-training (0.25 -> 0.63, 0.5 -> 0.69, 0.625 -> 0.70, 0.75 -> 0.73; RESULTS.md, issue 19).
-DEFAULT_REFRESH = 0.625
+# the demo-size pre-training, refreshing from whole images (0.25 -> 0.69, 0.375 -> 0.73; RESULTS.md, issue 19).
+DEFAULT_REFRESH = 0.375
 CROP_SCALE = (0.35, 1.0)  # the pre-training transform's RandomResizedCrop scale (amgsn.data.transforms)
 
 # Dense bf16 tensor-core peak (datasheet, SXM): used for MFU on these cards.
