@@ -1,5 +1,5 @@
 """Test-suite set-up. TRITON_INTERPRET must be set before triton / amgsn are imported, so the
-Triton kernels run eagerly on CPU tensors (DESIGN §3.5)."""
+Triton kernels run eagerly on CPU tensors (docs/method.md §3.5)."""
 
 import os
 

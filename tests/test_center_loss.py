@@ -331,7 +331,7 @@ def test_centers_and_weights_get_no_gradient(seed):
 
 def test_updating_centers_before_backward_is_an_error(seed):
     # The backward reads the centers of the forward: an in-place update in between must not be
-    # silently used (the DESIGN order is forward, backward, optimiser step, update).
+    # silently used (the order of docs/method.md §4.3 is forward, backward, optimiser step, update).
     gen = torch.Generator().manual_seed(seed)
     f, y, c, w = _inputs(9, 7, 4, gen)
     f.requires_grad_()

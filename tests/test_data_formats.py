@@ -1,4 +1,4 @@
-"""Every data-set loader on small fixtures written in its real format (DESIGN §5): labels, class
+"""Every data-set loader on small fixtures written in its real format (docs/method.md §5): labels, class
 order, splits, awkward files (CRLF, no final newline, header / no header), errors naming the file
 and line, and ``skip_bad``. Each image is a solid colour derived from its name, so a wrong
 image-to-label mapping shows up as a wrong colour."""

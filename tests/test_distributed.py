@@ -1,4 +1,4 @@
-"""Multi-process training on CPU with gloo (DESIGN §8, issue 8): the MRUS ratio bank stays
+"""Multi-process training on CPU with gloo (docs/method.md §8, issue 8): the MRUS ratio bank stays
 identical on every rank, the run matches torchrun's launch, and a dead worker fails the job fast."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""No file a user passes may run code (DESIGN §10, issue 16): a pickle whose ``__reduce__`` runs a
+"""No file a user passes may run code (docs/method.md §10, issue 16): a pickle whose ``__reduce__`` runs a
 shell command is refused by every entry point that loads a checkpoint or weights file, with a
 one-line error naming the file, and the command never runs. Our own checkpoints — including those
 written before RNG states were stored as tensors — still load."""

@@ -1,4 +1,4 @@
-"""supcon_loss / SupConLoss (DESIGN §3.8) against a straightforward loop over anchors and positives
+"""supcon_loss / SupConLoss (docs/method.md §3.8) against a straightforward loop over anchors and positives
 written here, and against the Khosla-style reference in amgsn/ops/reference.py."""
 
 from __future__ import annotations

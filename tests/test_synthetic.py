@@ -1,4 +1,4 @@
-"""The synthetic FER generator (DESIGN §6): layout, proportions, determinism, identities, the
+"""The synthetic FER generator (docs/method.md §6): layout, proportions, determinism, identities, the
 expression model, the command line and the contact sheet. Sets are tiny and small (48 px)."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_expression_model_follows_prototypes(seed):
             if w * keep >= 0.6:  # units that define the class
                 assert means[cls][au] > means["Neutral"][au] + 0.2, (cls, au)
     assert max(means["Neutral"].values()) < 0.15
-    # The confusable pairs share units (DESIGN §6).
+    # The confusable pairs share units (docs/method.md §6).
     assert means["Fear"]["AU1"] > 0.3 and means["Surprise"]["AU1"] > 0.3
     assert means["Anger"]["AU4"] > 0.3 and means["Disgust"]["AU4"] > 0.15
 

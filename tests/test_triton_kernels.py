@@ -1,4 +1,4 @@
-"""The Triton launchers of ``amgsn.kernels`` against ``amgsn.ops.reference`` (DESIGN §3.1–3.5).
+"""The Triton launchers of ``amgsn.kernels`` against ``amgsn.ops.reference`` (docs/method.md §3.1–3.5).
 
 Here they run under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on CPU float32 tensors
 (copies also in bf16/fp16, which the interpreter moves as raw bits); the ``cuda``-marked tests repeat
@@ -531,6 +531,6 @@ def test_cuda_kernels_match_reference(seed, dtype, shape, noise_mode):
 
 @pytest.mark.cuda
 def test_cuda_benchmark_shape(seed):
-    # The benchmark of DESIGN §9: B=256, H=12, N=196, d=64, D=768, bf16, ratios in [0.5, 0.9].
+    # The benchmark of docs/method.md §9: B=256, H=12, N=196, d=64, D=768, bf16, ratios in [0.5, 0.9].
     ratio = 0.5 + 0.4 * torch.rand(256, dtype=torch.float64)
     _cuda_case(256, 12, 196, 64, 768, torch.bfloat16, ratio, "relative", seed)
