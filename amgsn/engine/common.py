@@ -369,7 +369,13 @@ class NonFiniteGuard:
         ``stop``'s signal flags travel in the same all-reduce (see :class:`StopSignals`).
         """
         loss = loss.detach().float().reshape(1)
-        packed = torch.cat([loss, loss.new_tensor(stop.flags() if stop is not None else [])])  # a copy
+        if stop is None:
+            flags = loss.new_empty(0)
+        elif stop.received:  # a host-to-device copy only once a signal came; zeros are made on the device
+            flags = loss.new_tensor(stop.flags())
+        else:
+            flags = loss.new_zeros(len(stop.SIGNALS))
+        packed = torch.cat([loss, flags])  # a copy: the all-reduce works in place
         values = distributed.all_reduce_sum(packed).tolist()  # the step's one host sync
         if stop is not None:
             stop.agree(values[1:])
