@@ -66,7 +66,9 @@ def _head_probs_kernel(
     q_ptr, sqb, sqh, sqd, k_ptr, skb, skh, skn, skd, p_ptr, H, N, d, sm_scale,
     NP: tl.constexpr, BDH: tl.constexpr,
 ):  # fmt: skip
-    """grid (B, H): P[b, h, n] = softmax over the 1+N keys of head h, patch columns only (fp32)."""
+    """grid (B, H): P[b, h, n] = softmax over the 1+N keys of head h, patch columns only, in P's dtype (fp32;
+    fp64 for float64 inputs — every op computes in at least its input's precision)."""
+    acc_t = p_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     q_h = q_ptr + b * sqb + h * sqh
@@ -75,20 +77,24 @@ def _head_probs_kernel(
     n_ok = offs_n < N
     # Patch n is key 1+n: the CLS key (row 0) is handled separately so NP = next_pow2(N), not N+1.
     key_rows = (1 + offs_n).to(tl.int64)[:, None] * skn
-    dots = tl.zeros([NP], dtype=tl.float32)
-    dot_cls = tl.zeros([BDH], dtype=tl.float32)
+    dots = tl.zeros([NP], dtype=acc_t)
+    dot_cls = tl.zeros([BDH], dtype=acc_t)
     for d0 in range(0, d, BDH):  # one iteration when the whole row fits the tile
         offs_d = d0 + tl.arange(0, BDH)
         d_ok = offs_d < d
-        q = tl.load(q_h + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)
-        k_cls = tl.load(k_h + offs_d * skd, mask=d_ok, other=0.0).to(tl.float32)
+        q = tl.load(q_h + offs_d * sqd, mask=d_ok, other=0.0).to(acc_t)
+        k_cls = tl.load(k_h + offs_d * skd, mask=d_ok, other=0.0).to(acc_t)
         dot_cls += q * k_cls
-        kt = tl.load(k_h + key_rows + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(
-            tl.float32
-        )
+        kt = tl.load(k_h + key_rows + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
         dots += tl.sum(kt * q[None, :], axis=1)
-    logit_cls = tl.sum(dot_cls, axis=0) * sm_scale
-    logits = tl.where(n_ok, dots * sm_scale, float("-inf"))
+    if acc_t == tl.float64:
+        # A Python float argument is passed as fp32: the float64 scale is computed here (float64 sqrt and
+        # division are correctly rounded on the GPU, as math.sqrt and 1.0 / x are on the host).
+        scale = 1.0 / tl.sqrt(tl.full([], d, tl.float64))
+    else:
+        scale = sm_scale
+    logit_cls = tl.sum(dot_cls, axis=0) * scale
+    logits = tl.where(n_ok, dots * scale, float("-inf"))
     m = tl.maximum(tl.max(logits, axis=0), logit_cls)
     e = tl.exp(logits - m)  # padding lanes: exp(-inf) = 0
     p = e / (tl.sum(e, axis=0) + tl.exp(logit_cls - m))
@@ -97,19 +103,29 @@ def _head_probs_kernel(
 
 @triton.jit
 def _mean_heads(p_img, H, N, NP: tl.constexpr):
-    """(NP,) fp32 = Σ_h P[h, :] / H, heads in ascending order (lanes >= N are 0). p_img = P[b]."""
+    """(NP,) = Σ_h P[h, :] / H in P's dtype, heads in ascending order (lanes >= N are 0). p_img = P[b]."""
     offs = tl.arange(0, NP)
     ok = offs < N
-    acc = tl.zeros([NP], dtype=tl.float32)
+    acc = tl.zeros([NP], dtype=p_img.dtype.element_ty)
     for h in range(H):
         acc += tl.load(p_img + h * N + offs, mask=ok, other=0.0)
     return acc / H
 
 
 @triton.jit
+def _widen(x):
+    """x in at least float32: float64 stays float64, narrower floats go to float32."""
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _values(s, z, scale, HAS_NOISE: tl.constexpr):
-    """Selection values in float64. s, z fp32; the f32*f32 product is exact in f64, so FMA contraction
-    (which the compiler may apply on one call site and not another) cannot change a single bit."""
+    """Selection values in float64. s, z fp32 (or fp64 for float64 inputs); the f32*f32 product is exact in
+    f64, so FMA contraction (which the compiler may apply on one call site and not another) cannot change a
+    single bit. With a float64 operand the launcher turns FMA contraction off instead."""
     if HAS_NOISE:
         return s.to(tl.float64) + z.to(tl.float64) * scale
     else:
@@ -136,14 +152,14 @@ def _select_image(
 ):
     offs = tl.arange(0, NP)
     ok = offs < N
-    s = tl.load(s_ptr + offs * ssn, mask=ok, other=0.0).to(tl.float32)
+    s = _widen(tl.load(s_ptr + offs * ssn, mask=ok, other=0.0))
     z = s
     scale = 1.0
     if HAS_NOISE:
-        z = tl.load(z_ptr + offs * szn, mask=ok, other=0.0).to(tl.float32)
+        z = _widen(tl.load(z_ptr + offs * szn, mask=ok, other=0.0))
         if RELATIVE:
-            # Range over the non-NaN scores, rounded to float32 first as the reference computes it; 1
-            # where it is 0 (or undefined: no number, or inf - inf).
+            # Range over the non-NaN scores in their precision (float32 — rounded there first, as the
+            # reference computes it — or float64); 1 where it is 0 (or undefined: no number, or inf - inf).
             num = ok & (s == s)
             s_max = tl.max(tl.where(num, s, float("-inf")), axis=0)
             span = s_max - tl.min(tl.where(num, s, float("inf")), axis=0)
@@ -158,10 +174,10 @@ def _select_image(
     for j0 in range(0, N, BJ):
         offs_j = j0 + tl.arange(0, BJ)
         j_ok = offs_j < N
-        s_j = tl.load(s_ptr + offs_j * ssn, mask=j_ok, other=0.0).to(tl.float32)
+        s_j = _widen(tl.load(s_ptr + offs_j * ssn, mask=j_ok, other=0.0))
         z_j = s_j
         if HAS_NOISE:
-            z_j = tl.load(z_ptr + offs_j * szn, mask=j_ok, other=0.0).to(tl.float32)
+            z_j = _widen(tl.load(z_ptr + offs_j * szn, mask=j_ok, other=0.0))
         v_j = _values(s_j, z_j, scale, HAS_NOISE)
         v_j = tl.where(v_j != v_j, float("-inf"), v_j)
         # Float compares: -0.0 == +0.0, so signed zeros tie and fall back to index order.
@@ -220,8 +236,19 @@ def _rank_kernel(
     )  # fmt: skip
 
 
+def score_dtype(*inputs: torch.Tensor | None) -> torch.dtype:
+    """The precision scores are computed and returned in: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in inputs) else torch.float32
+
+
+def _fp_fusion(*inputs: torch.Tensor | None) -> bool:
+    # A float64 operand makes the selection's f64 product inexact, so FMA contraction would round
+    # differently from the reference's multiply + add: it is turned off for such launches.
+    return score_dtype(*inputs) != torch.float64
+
+
 def _head_probs(q_cls: torch.Tensor, k: torch.Tensor, probs: torch.Tensor) -> None:
-    """probs (B, H, N) fp32 <- per-head CLS attention over the patches (``_head_probs_kernel``)."""
+    """probs (B, H, N) fp32 (fp64 for float64 inputs) <- per-head CLS attention over the patches."""
     B, H, d = q_cls.shape
     N = k.shape[2] - 1
     cfg = _launch_config(N, d)
@@ -232,18 +259,20 @@ def _head_probs(q_cls: torch.Tensor, k: torch.Tensor, probs: torch.Tensor) -> No
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q_cls (B, H, d), k (B, H, 1+N, d) any float dtype and strides -> scores (B, N) float32.
+    """q_cls (B, H, d), k (B, H, 1+N, d) any float dtype and strides -> scores (B, N) float32 (float64 when
+    either input is float64).
 
-    Per head softmax(q·kᵀ/sqrt(d)) over all 1+N keys (fp32 accumulation), CLS column dropped, mean
+    Per head softmax(q·kᵀ/sqrt(d)) over all 1+N keys (fp32 or fp64 accumulation), CLS column dropped, mean
     over heads. Two launches — the fused op's head kernel, then the head mean — so the scores are
     bit-identical to the ones :func:`abmg_mask_and_gather` ranks.
     """
     B, H, d = q_cls.shape
     N = k.shape[2] - 1
-    out = torch.empty((B, N), dtype=torch.float32, device=q_cls.device)
+    acc = score_dtype(q_cls, k)
+    out = torch.empty((B, N), dtype=acc, device=q_cls.device)
     if out.numel() == 0:
         return out
-    probs = torch.empty((B, H, N), dtype=torch.float32, device=q_cls.device)
+    probs = torch.empty((B, H, N), dtype=acc, device=q_cls.device)
     _head_probs(q_cls, k, probs)
     cfg = _launch_config(N, 1)
     _scores_mean_kernel[(B,)](probs, out, H, N, NP=cfg["NP"], num_warps=cfg["num_warps"])
@@ -280,7 +309,7 @@ def abmg_select(
     _select_kernel[(B,)](
         scores, scores.stride(0), scores.stride(1), z, szb, szn, num_keep, num_keep.stride(0), cu_seqlens.contiguous(),
         ids, mask.view(torch.uint8), N, HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise),
-        NP=cfg["NP"], BJ=cfg["BJ"], num_warps=cfg["num_warps"],
+        NP=cfg["NP"], BJ=cfg["BJ"], num_warps=cfg["num_warps"], enable_fp_fusion=_fp_fusion(scores, noise),
     )  # fmt: skip
     return ids, mask
 
@@ -312,7 +341,7 @@ def abmg_mask_and_gather(
     if mask.numel() == 0:
         return visible, ids, mask, inv
     # One scratch allocation: the per-head rows P (B, H, N) and the head means (B, N).
-    scratch = torch.empty((B * (H + 1) * N,), dtype=torch.float32, device=dev)
+    scratch = torch.empty((B * (H + 1) * N,), dtype=score_dtype(q_cls, k), device=dev)
     probs, scores = scratch[: B * H * N].view(B, H, N), scratch[B * H * N :].view(B, N)
     _head_probs(q_cls, k, probs)
     z, szb, szn = _noise_args(scores, noise)
@@ -321,7 +350,7 @@ def abmg_mask_and_gather(
     _rank_kernel[(B,)](
         probs, scores, z, szb, szn, num_keep, num_keep.stride(0), cu, ids, mask.view(torch.uint8), inv, H, N,
         HAS_NOISE=noise is not None, RELATIVE=bool(relative_noise), NP=cfg["NP"], BJ=cfg["BJ"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], enable_fp_fusion=_fp_fusion(scores, noise),
     )  # fmt: skip
     # The selection is the kernels' own (valid by construction): the gather runs without the checks.
     BD = _col_block(D)

@@ -20,7 +20,7 @@ no id repeats within an image (found from the inverse map, below).
 The scatter and its backward do not search the ids: a first launch writes each image's inverse map
 ``inv[b, n] = t`` (packed row of patch n, -1 where masked), so the ids need not be sorted.
 
-Copies are bit-exact in any dtype; only the mask-token gradient does arithmetic (fp32 accumulation,
+Copies are bit-exact in any dtype; only the mask-token gradient does arithmetic (fp32 accumulation, fp64 for float64,
 deterministic: no float atomics). Index arguments may have any strides (made contiguous here).
 """
 
@@ -195,12 +195,14 @@ def _scatter_bwd_kernel(
     g_ptr, sgb, sgn, sgd, inv_ptr, gy_ptr, part_ptr, N, D, BN: tl.constexpr, BD: tl.constexpr
 ):  # fmt: skip
     # grid (B, cdiv(D, BD)): program (b, c) reads grad[b, :, cols] once: kept rows go to grad_y, masked
-    # rows are summed (fp32, fixed order) into the per-image partial part[b, cols].
+    # rows are summed (in part's dtype: fp32, fp64 for float64 gradients; fixed order) into the per-image
+    # partial part[b, cols].
+    acc_t = part_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = offs_d < D
     g_img = g_ptr + b * sgb
-    acc = tl.zeros([BD], dtype=tl.float32)
+    acc = tl.zeros([BD], dtype=acc_t)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < N
@@ -209,7 +211,7 @@ def _scatter_bwd_kernel(
         m = n_ok[:, None] & d_ok[None, :]
         g = tl.load(g_img + offs_n.to(tl.int64)[:, None] * sgn + offs_d[None, :] * sgd, mask=m, other=0.0)
         tl.store(gy_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], g, mask=kept[:, None] & m)
-        acc += tl.sum(tl.where(kept[:, None], 0.0, g.to(tl.float32)), axis=0)
+        acc += tl.sum(tl.where(kept[:, None], 0.0, g.to(acc_t)), axis=0)
     tl.store(part_ptr + b * D + offs_d, acc, mask=d_ok)
 
 
@@ -304,18 +306,20 @@ def unpack_rows(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
 def scatter_visible_backward(
     grad_out: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, N: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out (B, N, D) -> (grad_y (T, D) in grad_out.dtype, grad_mask_token (D,) float32).
+    """grad_out (B, N, D) -> (grad_y (T, D) in grad_out.dtype, grad_mask_token (D,) float32, float64 for a
+    float64 grad_out).
 
-    grad_mask_token = sum of grad_out over masked positions, accumulated in fp32: per-image partials
+    grad_mask_token = sum of grad_out over masked positions, accumulated in that dtype: per-image partials
     (B, D) from the kernel, then one ``torch.sum`` — deterministic, no float atomics.
     """
     B, _, D = grad_out.shape
     T = ids_keep.shape[0]
     grad_y = torch.empty((T, D), dtype=grad_out.dtype, device=grad_out.device)
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     if B == 0 or D == 0 or N == 0:
-        return grad_y.zero_(), torch.zeros((D,), dtype=torch.float32, device=grad_out.device)
+        return grad_y.zero_(), torch.zeros((D,), dtype=acc, device=grad_out.device)
     inv = inverse_map(ids_keep, cu_seqlens, N)
-    partial = torch.empty((B, D), dtype=torch.float32, device=grad_out.device)
+    partial = torch.empty((B, D), dtype=acc, device=grad_out.device)
     # 32 x 128 tiles (~94 registers): each program loops over all N rows of its column block.
     BD = min(_col_block(D), 128)
     BN = max(32, _row_block(BD, N))
