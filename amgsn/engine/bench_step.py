@@ -12,6 +12,13 @@ Four variants on the same random images and the same per-image ratios:
 
 The variants take turns step by step (round-robin) and each reports its median step time.
 
+With ``compile=True`` (``--compile``, docs/method.md §9.2) every variant also runs compiled, as
+``<variant>_compiled``, in the same round-robin: its entry adds ``compiles`` (graphs per region its
+steps compiled), ``recompiles`` and ``compile_s`` (seconds its steps spent compiling — in its warm-up
+steps; a second variant reuses what the first compiled), and ``<variant>_compiled_speedup`` = eager
+/ compiled median. The ratios between variants are also given between their compiled twins (keys
+ending in ``_compiled``).
+
 Model FLOPs are counted analytically (matmuls and attention, forward ×3 for trained parts, the
 teacher's forward ×1), so MFU = FLOPs / time / peak.
 """
@@ -25,6 +32,7 @@ from typing import Any
 import torch
 
 from amgsn.engine.common import autocast, resolve_device
+from amgsn.engine.compile import compile_mae, compile_stats, stats_since, validate_options
 from amgsn.masking import MaskingPolicy, RatioBank, SaliencyBank
 from amgsn.masking.saliency_bank import IDENTITY_VIEW
 from amgsn.models import MaskedAutoencoderViT
@@ -82,13 +90,20 @@ class _Variant:
 
     def __init__(self, variant: str, model: str, img_size: int, patch_size: int, depth: int | None,
                  imgs: torch.Tensor, bank_ratios: torch.Tensor, bounds: tuple[float, float], device: str,
-                 seed: int, saliency_refresh: float = DEFAULT_REFRESH) -> None:
+                 seed: int, saliency_refresh: float = DEFAULT_REFRESH, *, compile: bool = False,
+                 compile_mode: str | None = None, compile_shapes: str = "dynamic") -> None:
         torch.manual_seed(seed)
         batch_size = imgs.shape[0]
         self.imgs, self.device, self.indices = imgs, device, torch.arange(batch_size)
         self.net = MaskedAutoencoderViT(model, img_size=img_size, patch_size=patch_size, depth=depth).to(device)
         self.mode, impl = {"fused": ("abmg_mrus", "fused"), "fused_bank": ("abmg_mrus", "fused"),
                            "reference": ("abmg_mrus", "reference"), "mae_random": ("random", "fused")}[variant]
+        self.compiled = compile
+        self.compile_stats: dict[str, Any] = {"compiles": {}, "recompiles": 0, "compile_s": 0.0}
+        if compile:
+            fixed = float(bank_ratios.mean())
+            compile_mae(self.net, mode=compile_mode, shapes=compile_shapes, batch_size=batch_size,
+                        ratio_range=bounds if self.mode == "abmg_mrus" else (fixed, fixed))
         self.policy = MaskingPolicy(self.mode, epochs=1, warmup_epochs=0, impl=impl)
         self.saliency: SaliencyBank | None = None
         self.view_gen = torch.Generator().manual_seed(seed + 1)
@@ -151,7 +166,14 @@ class _Variant:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             resident = torch.cuda.memory_allocated()  # every variant's state, not only this one's
+        before = compile_stats() if self.compiled else None
         elapsed = _timed(self.step, self.device)
+        if before is not None:  # what this step compiled is this variant's
+            new, total = stats_since(before), self.compile_stats
+            for region, n in new["compiles"].items():
+                total["compiles"][region] = total["compiles"].get(region, 0) + n
+            total["recompiles"] += new["recompiles"]
+            total["compile_s"] = round(total["compile_s"] + new["compile_s"], 3)
         if record:
             self.times.append(elapsed)
             if cuda:
@@ -168,6 +190,8 @@ class _Variant:
                  "tflops_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / median / 1e12, 2)}
         if self.saliency is not None:
             entry["saliency_refresh"] = self.saliency.refresh
+        if self.compiled:
+            entry.update(self.compile_stats)
         if self.policy.encoder_path == "packed":  # which varlen attention the packed encoder ran on
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             entry["attn_backend"] = resolve_backend(self.net.attn_backend, torch.device(self.device), dtype)
@@ -194,11 +218,16 @@ def bench_step(
     seed: int = 0,
     variants: tuple[str, ...] = VARIANTS,
     saliency_refresh: float | None = None,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    compile_shapes: str = "dynamic",
 ) -> dict[str, Any]:
     """Median step time of each variant -> ``{"fused": {...}, "fused_bank": {..., "saliency_refresh": P},
     "reference": {...}, "mae_random": {...}, ...}`` (``saliency_refresh``: fused_bank's P, default
-    :data:`DEFAULT_REFRESH`)."""
+    :data:`DEFAULT_REFRESH`); with ``compile`` also ``"<variant>_compiled": {...}`` (see the module
+    docstring)."""
     device = resolve_device(device)
+    validate_options(compile, compile_mode, compile_shapes)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"--variants must be some of {VARIANTS}, got {list(variants)}")
@@ -217,8 +246,15 @@ def bench_step(
     result: dict[str, Any] = {"config": {"model": model, "img_size": img_size, "patch_size": patch_size,
                                          "batch_size": batch_size, "ratio_range": [lo, hi], "device": device,
                                          "steps": steps, "torch": torch.__version__}}
-    runs = {v: _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi), device, seed, refresh)
-            for v in variants}
+    if compile:
+        result["config"].update({"compile_mode": compile_mode or "default", "compile_shapes": compile_shapes})
+    runs = {}
+    for v in variants:
+        runs[v] = _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi), device, seed, refresh)
+        if compile:
+            runs[f"{v}_compiled"] = _Variant(v, model, img_size, patch_size, depth, imgs, bank_ratios, (lo, hi),
+                                             device, seed, refresh, compile=True, compile_mode=compile_mode,
+                                             compile_shapes=compile_shapes)
     # Round-robin: step i of every variant runs back to back, so a slow spell of a shared machine
     # (other tenants, frequency changes) lands on all variants alike instead of on one of them.
     for i in range(warmup + steps):
@@ -226,14 +262,18 @@ def bench_step(
             run.timed_step(record=i >= warmup)
     for variant, run in runs.items():
         result[variant] = run.summary()
-    if "fused" in result and "reference" in result:
-        result["fused_speedup_vs_reference"] = round(result["reference"]["median_ms"] / result["fused"]["median_ms"], 3)
-    if "fused" in result and "mae_random" in result:
-        result["fused_over_mae_random"] = round(result["fused"]["median_ms"] / result["mae_random"]["median_ms"], 3)
-    if "fused_bank" in result and "mae_random" in result:
-        result["fused_bank_over_mae_random"] = round(
-            result["fused_bank"]["median_ms"] / result["mae_random"]["median_ms"], 3)
-    if "fused_bank" in result and "reference" in result:
-        result["reference_over_fused_bank"] = round(
-            result["reference"]["median_ms"] / result["fused_bank"]["median_ms"], 3)
+    for suffix in ("", "_compiled") if compile else ("",):
+        ms = {v: result[v + suffix]["median_ms"] for v in variants}
+        for key, (num, den) in RATIOS.items():
+            if num in ms and den in ms:
+                result[key + suffix] = round(ms[num] / ms[den], 3)
+    if compile:
+        for v in variants:
+            result[f"{v}_compiled_speedup"] = round(result[v]["median_ms"] / result[f"{v}_compiled"]["median_ms"], 3)
     return result
+
+
+# Ratios between variants: key -> (numerator, denominator) median step times.
+RATIOS = {"fused_speedup_vs_reference": ("reference", "fused"), "fused_over_mae_random": ("fused", "mae_random"),
+          "fused_bank_over_mae_random": ("fused_bank", "mae_random"),
+          "reference_over_fused_bank": ("reference", "fused_bank")}

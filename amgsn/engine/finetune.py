@@ -110,6 +110,8 @@ class FinetuneConfig:
     skip_bad: bool = False
     cache_images: bool = False
     progress: bool = True
+    compile: bool = False  # regional torch.compile of the classifier's blocks (amgsn.engine.compile)
+    compile_mode: str | None = None
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "save_every", "proj_dim", "max_steps", "save_every_steps"):
@@ -136,6 +138,9 @@ class FinetuneConfig:
         if self.init is not None and self.resume is not None:
             raise ValueError("--init and --resume exclude each other: a resumed run takes its weights "
                              "from the checkpoint")
+        from amgsn.engine.compile import validate_options
+
+        validate_options(self.compile, self.compile_mode, "dynamic")
 
 
 # --------------------------------------------------------------------------- data
@@ -401,6 +406,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if state is not None:
         _check_resume(state, cfg, classes, len(base))
     model.to(device)
+    compiled_since = None  # the compile counts at the start (--compile)
+    if cfg.compile:
+        from amgsn.engine.compile import compile_classifier, compile_stats
+
+        compile_classifier(model, mode=cfg.compile_mode)
+        compiled_since = compile_stats()
 
     from amgsn.losses import DebiasedCenterLoss, SupConLoss
 
@@ -543,6 +554,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "skipped_steps": tally.skipped, "seconds": elapsed,
                 "finished_at": time.time(),  # unix time; consecutive records -> an epoch's whole cost
             }
+            if compiled_since is not None:
+                from amgsn.engine.compile import stats_since
+
+                record.update(stats_since(compiled_since))
             score = metrics["val_mean_class_accuracy"]
             # Strictly better only: on a tie the earlier (less trained) epoch stays the best.
             improved = score is None or best["metric"] is None or score > best["metric"]

@@ -12,6 +12,10 @@ crop box and flip (and the whole image) to the step, the teacher runs on the who
 out of the bank; the ranks gather the refreshed maps so every rank's bank is the same; the bank is
 checkpointed; each epoch logs ``saliency_agreement`` (Spearman, bank vs a fresh teacher pass, on a
 fixed probe batch). P = 1 is §4.1 exactly.
+
+``--compile`` (docs/method.md §9.2, :mod:`amgsn.engine.compile`) runs the blocks, the decoder's entry and
+the loss compiled; each epoch's log line then also holds ``compiles`` (graphs per region so far in this
+process), ``recompiles`` and ``compile_s``. Checkpoints are the same either way.
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ class PretrainConfig:
     gallery_per_class: int = 2
     progress: bool = True
     cache_images: bool = True
+    compile: bool = False  # regional torch.compile (amgsn.engine.compile)
+    compile_mode: str | None = None  # torch.compile mode (default / reduce-overhead / max-autotune...)
+    compile_shapes: str = "dynamic"  # the packed encoder's T: dynamic, or bucket
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "accum", "img_size", "patch_size", "save_every", "max_steps",
@@ -108,6 +115,9 @@ class PretrainConfig:
             raise ValueError(f"--mask-ratio must lie in [0, 1], got {self.mask_ratio}")
         if not 0.0 < self.saliency_refresh <= 1.0:
             raise ValueError(f"--saliency-refresh must lie in (0, 1], got {self.saliency_refresh}")
+        from amgsn.engine.compile import validate_options
+
+        validate_options(self.compile, self.compile_mode, self.compile_shapes)
 
     @property
     def uses_saliency_bank(self) -> bool:
@@ -263,6 +273,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                      r_max=max(cfg.ratio_max, cfg.mask_ratio), momentum=cfg.ratio_momentum)
     sal_bank = (SaliencyBank(len(dataset), cfg.img_size // cfg.patch_size, cfg.saliency_refresh, device,
                              impl=cfg.impl) if cfg.uses_saliency_bank else None)
+    compiled_since = None  # the compile counts at the start (--compile)
+    if cfg.compile:
+        from amgsn.engine.compile import compile_mae, compile_stats
+
+        ratio_range = (bank.r_min, bank.r_max) if policy.uses_ratio_bank else (cfg.mask_ratio, cfg.mask_ratio)
+        compile_mae(model, mode=cfg.compile_mode, shapes=cfg.compile_shapes, batch_size=cfg.batch_size,
+                    ratio_range=ratio_range)
+        compiled_since = compile_stats()
     from timm.optim import param_groups_weight_decay
 
     lr = effective_lr(cfg.blr, cfg.batch_size, cfg.accum, dist.world_size)
@@ -397,6 +415,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "images_per_s": totals[1] / max(elapsed, 1e-9), "skipped_steps": tally.skipped,
                 "seconds": elapsed, "finished_at": time.time(),  # unix time; consecutive records -> an epoch's cost
             }
+            if compiled_since is not None:
+                from amgsn.engine.compile import stats_since
+
+                record.update(stats_since(compiled_since))
             if sal_bank is not None:
                 if probe is None and dist.is_main:
                     probe = _saliency_probe(dataset, cfg.seed, device)

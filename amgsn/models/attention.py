@@ -52,6 +52,9 @@ class PackedLayout:
     seqlens:     (B,) int64 lengths.  token_batch: (T,) int64 sequence of each token.
     pad_index:   (T,) int64 position of each token in the flattened (B*L) padded buffer.
     valid:       (B, L) bool, True where the padded buffer holds a real token.
+    pad_sequences: how many of the B sequences, at the end, only hold padding rows (the bucketed
+                 shapes of ``--compile``, :mod:`amgsn.models.regions`): attention keeps them to
+                 themselves like any sequence, and nothing reads their rows afterwards.
     """
 
     cu_seqlens: torch.Tensor
@@ -62,6 +65,7 @@ class PackedLayout:
     valid: torch.Tensor
     # Per-backend caches (e.g. a FlexAttention block mask), keyed by backend name.
     cache: dict = field(default_factory=dict, repr=False)
+    pad_sequences: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -20,6 +20,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from amgsn.models.pretrained import InitWeights, LoadReport, load_init, read_init, resolve_size
+from amgsn.models.regions import EAGER, Regions
 from amgsn.models.sizes import get_size, timm_vit_spec
 from amgsn.ops._checks import check_tensor
 
@@ -70,6 +71,9 @@ class ViTClassifier(nn.Module):
                                      drop_path_rate=drop_path_rate, **kwargs)
         D = self.vit.embed_dim
         self.proj_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, proj_dim))
+        # Eager: timm's own forward_features; compiled (amgsn.engine.compile): block by block through
+        # the "classifier.block" region. Not a module: the state dict is the same either way.
+        self.regions: Regions = EAGER
 
     # ------------------------------------------------------------------ forward
 
@@ -86,8 +90,18 @@ class ViTClassifier(nn.Module):
             raise ValueError(
                 f"x must be (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
             )
-        pooled = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        feats = self._features_by_region(x) if self.regions.compiled else self.vit.forward_features(x)
+        pooled = self.vit.forward_head(feats, pre_logits=True)
         return pooled, self.vit.head(pooled)
+
+    def _features_by_region(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``VisionTransformer.forward_features`` (no attention mask, no gradient checkpointing)
+        with each block run by ``self.regions``."""
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        for blk in vit.blocks:
+            x = self.regions.run("classifier.block", blk, x)
+        return vit.norm(x)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled (B, D) -> (B, proj_dim) L2-normalised embedding for the SupCon loss."""

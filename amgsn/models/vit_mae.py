@@ -9,7 +9,9 @@ Structure and initialisation follow facebookresearch/mae ``models_mae.py``; the 
   teacher's last-block attention, see :mod:`amgsn.masking`) and passed in; :meth:`teacher_qk`
   computes what ABMG needs — only the last block's CLS query and keys;
 * the loss is also returned per image (MRUS updates each image's ratio from its own loss);
-* encoder parameter names are timm's ``VisionTransformer`` names (:meth:`encoder_state_dict`).
+* encoder parameter names are timm's ``VisionTransformer`` names (:meth:`encoder_state_dict`);
+* the blocks, the decoder's entry and the loss run through ``self.regions`` (:mod:`.regions`):
+  eagerly by default, compiled under ``--compile`` (docs/method.md §9.2).
 
 Shapes: B images, C channels, p patch size, N = (img_size / p)² patches, D encoder width,
 H heads, d = D / H, T = Σ visible patches, Dd decoder width.
@@ -26,12 +28,13 @@ from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from amgsn.models.attention import BACKENDS, PackedLayout
-from amgsn.models.blocks import block_forward_packed, block_forward_padded
+from amgsn.models.attention import BACKENDS, PackedLayout, varlen_attention
+from amgsn.models.blocks import _check_no_attn_dropout, block_forward_padded, drop_path_scale
 from amgsn.models.pos_embed import sincos_2d
 from amgsn.models.pretrained import InitWeights, LoadReport, load_init, read_init, resolve_size
+from amgsn.models.regions import EAGER, Regions, patch_losses, patchify
 from amgsn.models.sizes import get_size, timm_vit_spec
-from amgsn.ops import MaskSelection, abmg_select, gather_visible, scatter_visible
+from amgsn.ops import MaskSelection, abmg_select, gather_visible
 from amgsn.ops._checks import check_tensor
 
 ENCODER_PATHS = ("packed", "padded")
@@ -132,6 +135,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.num_heads = size.num_heads
         self.norm_pix_loss = norm_pix_loss
         self.attn_backend = attn_backend
+        # How the blocks, the decoder's entry and the loss run (eager; amgsn.engine.compile swaps in compiled
+        # ones). Not a module: the state dict is the same either way.
+        self.regions: Regions = EAGER
 
         # ---- encoder (timm VisionTransformer names) ----
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, D)
@@ -254,10 +260,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), patches row-major, each patch (p, p, C) flattened (MAE)."""
-        self._check_imgs(imgs)
-        B, C, p, g = imgs.shape[0], self.in_chans, self.patch_size, self.grid
-        x = imgs.reshape(B, C, g, p, g, p)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(B, g * g, p * p * C)
+        return patchify(self._check_imgs(imgs), self.patch_size, self.in_chans)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W); inverse of :meth:`patchify`."""
@@ -295,7 +298,7 @@ class MaskedAutoencoderViT(nn.Module):
         B = tokens.shape[0]
         x = torch.cat([self._cls_with_pos().expand(B, 1, -1), tokens], dim=1)
         for blk in self.blocks[:-1]:
-            x = blk(x)
+            x = self.regions.run("teacher.block", blk, x)
         return x
 
     def teacher_qk(
@@ -355,18 +358,39 @@ class MaskedAutoencoderViT(nn.Module):
         A CLS token is prepended to each image (row ``cu_seqlens[b] + b`` of the output, followed
         by that image's visible tokens in order); every block runs token-wise layers on the 2-D
         tensor and variable-length attention within each image; then the final norm.
+
+        When ``self.regions`` asks for more rows than T+B (``--compile-shapes bucket``), zero rows are
+        appended as extra sequences of at most ``max_seqlen + 1`` rows each: attention keeps them to
+        themselves, and they are cut off before the final norm, so nothing downstream sees them.
         """
         self._check_packed(visible, cu_seqlens)
         x, cu_cls = self._prepend_cls(visible, cu_seqlens)
         if x.device.type == "cpu" and int(cu_seqlens[-1]) != visible.shape[0]:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but visible has {visible.shape[0]} rows")
+        rows, seq = x.shape[0], int(max_seqlen) + 1
+        padded = self.regions.padded_rows(rows)
+        pad_sequences = 0
+        if padded > rows:
+            pad_sequences = -(-(padded - rows) // seq)
+            ends = torch.arange(1, pad_sequences + 1, device=cu_cls.device, dtype=cu_cls.dtype) * seq + rows
+            cu_cls = torch.cat([cu_cls, ends.clamp_max(padded)])
+            x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
         # T + B is known from the shapes: no device sync to read cu_seqlens[-1] on CUDA.
-        layout = PackedLayout.from_cu_seqlens(
-            cu_cls, int(max_seqlen) + 1, validate=x.device.type == "cpu", total=x.shape[0]
-        )
+        layout = PackedLayout.from_cu_seqlens(cu_cls, seq, validate=x.device.type == "cpu", total=x.shape[0])
+        layout.pad_sequences = pad_sequences
         for blk in self.blocks:
-            x = block_forward_packed(blk, x, layout, backend=self.attn_backend)
-        return self.norm(x)
+            x = self._packed_block(blk, x, layout)
+        return self.norm(x[:rows] if padded > rows else x)
+
+    def _packed_block(self, blk: Block, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """:func:`~amgsn.models.blocks.block_forward_packed` with the halves run by ``self.regions``."""
+        _check_no_attn_dropout(blk)
+        q, k, v, h = self.regions.run("encoder.attn_in", blk, x)
+        o = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=self.attn_backend,
+                             layout=layout)
+        scale1 = drop_path_scale(blk.drop_path1, layout, o)
+        scale2 = drop_path_scale(blk.drop_path2, layout, o)
+        return self.regions.run("encoder.attn_out", blk, x, o, h, scale1, scale2)
 
     def forward_encoder_padded(
         self, visible: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
@@ -399,27 +423,24 @@ class MaskedAutoencoderViT(nn.Module):
         Visible latents are scattered back to their patch positions, the ``mask_token`` fills the
         masked ones, then decoder position embedding, dense decoder blocks, norm and prediction.
         """
+        return self.decoder_pred(self.decoder_norm(self._decoder_trunk(latent, sel)))[:, 1:]
+
+    def _decoder_trunk(self, latent: torch.Tensor, sel: MaskSelection) -> torch.Tensor:
+        """latent (T+B, D) -> (B, 1+N, Dd) after the decoder blocks (before its norm and head)."""
         T = sel.ids_keep.shape[0]
         B = sel.cu_seqlens.numel() - 1
         if latent.shape[0] != T + B:
             raise ValueError(f"latent must have T + B = {T + B} rows (selection), got {latent.shape[0]}")
-        y = self.decoder_embed(latent)
         _, cls_pos, vis_pos = _cls_positions(sel.cu_seqlens, T)
-        full = scatter_visible(y.index_select(0, vis_pos), sel.ids_keep, sel.cu_seqlens,
-                               self.mask_token.reshape(-1), self.num_patches, sel.max_seqlen)
-        x = torch.cat([y.index_select(0, cls_pos)[:, None], full], dim=1) + self.decoder_pos_embed
+        x = self.regions.run("decoder.embed", self.decoder_embed, self.mask_token, self.decoder_pos_embed, latent,
+                             vis_pos, cls_pos, sel.ids_keep, sel.cu_seqlens, self.num_patches)
         for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+            x = self.regions.run("decoder.block", blk, x)
+        return x
 
     def _patch_losses(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """(B, N) mean squared error per patch, in float32, against (normalised) target pixels."""
-        target = self.patchify(imgs).float()
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return (pred.float() - target).square().mean(dim=-1)
+        return patch_losses(self._check_imgs(imgs), pred, self.patch_size, self.in_chans, self.norm_pix_loss)
 
     def per_image_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,) mean norm-pix MSE over each image's masked patches (``mask`` (B, N) bool, True =
@@ -455,10 +476,7 @@ class MaskedAutoencoderViT(nn.Module):
                                  f"({imgs.shape[0]}, {self.num_patches})")
         run = self.forward_encoder_packed if encoder == "packed" else self.forward_encoder_padded
         latent = run(visible, sel.cu_seqlens, sel.max_seqlen)
-        pred = self.forward_decoder(latent, sel)
-        per_patch = self._patch_losses(imgs, pred)
-        m = sel.mask.to(per_patch.dtype)
-        masked_sum = (per_patch * m).sum(dim=1)
-        counts = m.sum(dim=1)
-        loss = masked_sum.sum() / counts.sum().clamp_min(1.0)
-        return MAEOutput(loss, masked_sum / counts.clamp_min(1.0), pred, sel)
+        x = self._decoder_trunk(latent, sel)
+        loss, per_image, pred = self.regions.run("decoder.loss", self.decoder_norm, self.decoder_pred, x, imgs,
+                                                 sel.mask, self.patch_size, self.in_chans, self.norm_pix_loss)
+        return MAEOutput(loss, per_image, pred, sel)
