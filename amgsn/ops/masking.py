@@ -134,6 +134,46 @@ def _check_qk(q_cls: object, k: object) -> tuple[int, int, int]:
     return B, H, k.shape[2] - 1
 
 
+def _check_x_matches_k(x: object, B: int, N: int) -> None:
+    """x (B, N, D) must hold one row per patch key of k (N = k's 1+N - 1). x with one row more than k's
+    patches is k without its CLS key — or x with its CLS token: the error names k and says both."""
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if x.shape[0] == B and x.shape[1] == N + 1:
+        raise ValueError(
+            f"k has {N + 1} keys for the {N + 1} patches of x: k must hold the CLS key first and then one key "
+            f"per patch, (B, H, 1+N, d) with 1+N = {N + 2}; if x still holds its CLS token, pass the patches "
+            f"only (x[:, 1:])"
+        )
+    if x.shape[0] != B or x.shape[1] != N:
+        raise ValueError(
+            f"x must be (B, N, D) = ({B}, {N}, D) to match k (1+N = {N + 1} keys, CLS first), got {tuple(x.shape)}"
+        )
+
+
+def _check_x_matches_mask(x: torch.Tensor, mask: object) -> None:
+    """The selection's mask (B, N) gives B and N: ``x`` must have them (an x that still holds its CLS token
+    has N+1 rows and would be read shifted by one)."""
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+    B, N = mask.shape
+    if x.shape[0] == B and x.shape[1] == N + 1:
+        raise ValueError(
+            f"x has {N + 1} tokens per image but the selection is for N = {N} patches: x still holds its CLS "
+            f"token; pass the patches only (x[:, 1:])"
+        )
+    if x.shape[0] != B or x.shape[1] != N:
+        raise ValueError(f"x must be (B, N, D) = ({B}, {N}, D) to match the selection's mask, got {tuple(x.shape)}")
+
+
+def as_token(mask_token: object, D: int) -> torch.Tensor:
+    """``mask_token`` of shape (D,), or MAE's parameter of shape (1, 1, D) (any leading 1s) -> (D,)."""
+    check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES)
+    if tuple(mask_token.shape[-1:]) != (D,) or any(n != 1 for n in mask_token.shape[:-1]):
+        raise ValueError(
+            f"mask_token must have shape (D,) = ({D},) or (1, 1, D) as MAE's parameter, got {tuple(mask_token.shape)}"
+        )
+    return mask_token.reshape(D)
+
+
 # --------------------------------------------------------------------------------------------
 # §3.1 cls_attention_scores
 # --------------------------------------------------------------------------------------------
@@ -157,9 +197,14 @@ def _scores_op(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 _scores_op.register_kernel("cuda")(_scores_triton)
 
 
+def score_dtype(*inputs: torch.Tensor | None) -> torch.dtype:
+    """Scores are computed in and returned as float64 when any input is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in inputs) else torch.float32
+
+
 @_scores_op.register_fake
 def _scores_fake(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return k.new_empty((k.shape[0], k.shape[2] - 1), dtype=torch.float32)
+    return k.new_empty((k.shape[0], k.shape[2] - 1), dtype=score_dtype(q_cls, k))
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -169,8 +214,9 @@ def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q_cls: (B, H, d) — the CLS query of a block.
         k: (B, H, 1+N, d) — that block's keys, CLS first.
     Returns:
-        (B, N) float32: per head ``softmax(q_cls · kᵀ / sqrt(d))`` over the 1+N keys, CLS column
-        dropped, mean over heads (= DINO/AttMask ``attn[:, :, 0, 1:].mean(1)``). Not differentiable.
+        (B, N) float32 — float64 when q_cls or k is float64, computed in that precision: per head
+        ``softmax(q_cls · kᵀ / sqrt(d))`` over the 1+N keys, CLS column dropped, mean over heads
+        (= DINO/AttMask ``attn[:, :, 0, 1:].mean(1)``). Not differentiable.
     """
     _check_qk(q_cls, k)
     return _scores_op(q_cls, k)
@@ -240,7 +286,7 @@ def abmg_select(
     check_same_device(scores=scores, noise=noise)
     num_keep, cu_seqlens, total, max_seqlen = _ratio_plan(mask_ratio, B, N, scores.device)
     ids_keep, mask = _select_op(scores, num_keep, cu_seqlens, total, noise, bool(relative_noise))
-    return MaskSelection(ids_keep, cu_seqlens, mask, max_seqlen)
+    return MaskSelection(ids_keep, cu_seqlens, max_seqlen, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +353,7 @@ _scatter_backward_op.register_kernel("cuda")(_scatter_backward_triton)
 @_scatter_backward_op.register_fake
 def _scatter_backward_fake(grad_out, ids_keep, cu_seqlens):
     grad_y = grad_out.new_empty((ids_keep.shape[0], grad_out.shape[2]))
-    return grad_y, grad_out.new_empty((grad_out.shape[2],), dtype=torch.float32)
+    return grad_y, grad_out.new_empty((grad_out.shape[2],), dtype=score_dtype(grad_out))
 
 
 def _scatter_zero_token(grad: torch.Tensor, ids_keep, cu_seqlens, N: int) -> torch.Tensor:
@@ -346,15 +392,23 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
 def gather_visible(
-    x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+    x: torch.Tensor,
+    ids_keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pack the kept tokens of each image (docs/method.md §3.3): ``out[t] = x[b(t), ids_keep[t]]``.
 
+    ``gather_visible(x, *sel)`` takes a whole :class:`MaskSelection`.
+
     Args:
-        x: (B, N, D) any float dtype, any strides.
+        x: (B, N, D) any float dtype, any strides — the patches only, no CLS token.
         ids_keep: (T,) int64 patch indices in [0, N); image b's at ``cu_seqlens[b]:cu_seqlens[b+1]``.
         cu_seqlens: (B+1,) int32 prefix sums starting at 0 and ending at T.
         max_seqlen: accepted for compatibility and not used (nothing is sized from it).
+        mask: optional (B, N) bool, the selection's mask: then x must have exactly B images of N rows
+            (an x that still holds its CLS token is refused instead of being read shifted by one).
     Returns:
         (T, D) in ``x.dtype``; differentiable in ``x``. An invalid ``ids_keep`` / ``cu_seqlens`` raises
         ValueError on CPU and trips a device-side assert on CUDA (checked in the kernels, no sync).
@@ -362,46 +416,79 @@ def gather_visible(
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     _check_selection_args(ids_keep, cu_seqlens)
     check_same_device(x=x, ids_keep=ids_keep, cu_seqlens=cu_seqlens)
+    if mask is not None:
+        _check_x_matches_mask(x, mask)
     if cu_seqlens.numel() != x.shape[0] + 1:
         raise ValueError(f"cu_seqlens must have B + 1 = {x.shape[0] + 1} entries, got {cu_seqlens.numel()}")
     return _gather_op(x, ids_keep, cu_seqlens)
+
+
+_SCATTER_ORDERS = {True: ("mask_token", "N", "max_seqlen"), False: ("max_seqlen", "mask")}
 
 
 def scatter_visible(
     y: torch.Tensor,
     ids_keep: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    mask_token: torch.Tensor,
-    N: int,
+    *args: object,
+    mask_token: torch.Tensor | None = None,
+    N: int | None = None,
     max_seqlen: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unpack tokens back to full images for the decoder (docs/method.md §3.4).
+
+    Two call forms: ``scatter_visible(y, ids_keep, cu_seqlens, mask_token, N[, max_seqlen])`` (§3.4), and
+    ``scatter_visible(y, *sel, mask_token=token)`` with a whole :class:`MaskSelection` (after
+    ``cu_seqlens`` come its ``max_seqlen`` and ``mask``; N is the mask's width).
 
     Args:
         y: (T, D) packed tokens, any float dtype.
         ids_keep, cu_seqlens: the packed selection (as :func:`gather_visible`); ids must be
             distinct within an image (any order).
-        mask_token: (D,) — fills every position not in ``ids_keep`` (cast to ``y.dtype``).
-        N: patches per image.
+        mask_token: (D,), or (1, 1, D) as MAE's parameter — fills every position not in ``ids_keep``
+            (cast to ``y.dtype``).
+        N: patches per image (optional when ``mask`` is given).
         max_seqlen: accepted for compatibility and not used.
+        mask: optional (B, N) bool, the selection's mask (gives B and N, checked against the others).
     Returns:
         (B, N, D) in ``y.dtype``: ``out[b, ids_keep[t]] = y[t]``, ``mask_token`` elsewhere.
         Differentiable in ``y`` and ``mask_token``. Invalid selections: as :func:`gather_visible`.
     """
+    named = {"mask_token": mask_token, "N": N, "max_seqlen": max_seqlen, "mask": mask}
+    if args:
+        order = _SCATTER_ORDERS[isinstance(args[0], torch.Tensor)]
+        if len(args) > len(order):
+            raise TypeError(f"scatter_visible takes at most {3 + len(order)} positional arguments in this form "
+                            f"(y, ids_keep, cu_seqlens, {', '.join(order)}), got {3 + len(args)}")
+        for name, value in zip(order, args):
+            if named[name] is not None:
+                raise TypeError(f"scatter_visible got multiple values for {name}")
+            named[name] = value
+    mask_token, N, mask = named["mask_token"], named["N"], named["mask"]
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("mask_token", mask_token, ndim=1, dtypes=FLOAT_DTYPES)
     _check_selection_args(ids_keep, cu_seqlens)
-    check_same_device(y=y, ids_keep=ids_keep, cu_seqlens=cu_seqlens, mask_token=mask_token)
+    if mask_token is None:
+        raise TypeError("scatter_visible needs mask_token (D,)")
+    token = as_token(mask_token, y.shape[1])
+    check_same_device(y=y, ids_keep=ids_keep, cu_seqlens=cu_seqlens, mask_token=mask_token, mask=mask)
+    if mask is not None:
+        check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+        if N is not None and N != mask.shape[1]:
+            raise ValueError(f"N = {N!r} does not match the selection's mask, which has N = {mask.shape[1]}")
+        if cu_seqlens.numel() != mask.shape[0] + 1:
+            raise ValueError(f"cu_seqlens must have B + 1 = {mask.shape[0] + 1} entries (the mask's B + 1), "
+                             f"got {cu_seqlens.numel()}")
+        N = mask.shape[1]
+    if N is None:
+        raise TypeError("scatter_visible needs N (or the selection's mask)")
     if isinstance(N, bool) or not isinstance(N, int) or N < 1:
         raise ValueError(f"N must be a positive int, got {N!r}")
-    if mask_token.shape[0] != y.shape[1]:
-        raise ValueError(f"mask_token must have shape (D,) = ({y.shape[1]},), got {tuple(mask_token.shape)}")
     if ids_keep.shape[0] != y.shape[0]:
         raise ValueError(f"ids_keep must have one entry per row of y ({y.shape[0]}), got {ids_keep.shape[0]}")
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must have B + 1 >= 2 entries")
-    token = mask_token.to(y.dtype)
-    return _scatter_op(y, ids_keep, cu_seqlens, token, N)
+    return _scatter_op(y, ids_keep, cu_seqlens, token.to(y.dtype), N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,18 +622,16 @@ def abmg_mask_and_gather(
     one-launch backward through the forward's inverse map.
 
     Args:
-        q_cls: (B, H, d), k: (B, H, 1+N, d) — as :func:`cls_attention_scores`.
-        x: (B, N, D) the tokens to gather (any float dtype, any strides).
+        q_cls: (B, H, d), k: (B, H, 1+N, d) — as :func:`cls_attention_scores` (k with its CLS key first).
+        x: (B, N, D) the patch tokens to gather, no CLS token (any float dtype, any strides).
         mask_ratio, noise, relative_noise: as :func:`abmg_select`.
     Returns:
         ``(visible (T, D), MaskSelection)``; ``visible`` is differentiable in ``x``.
     """
     B, _, N = _check_qk(q_cls, k)
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    if x.shape[0] != B or x.shape[1] != N:
-        raise ValueError(f"x must be (B, N, D) = ({B}, {N}, D) to match k, got {tuple(x.shape)}")
+    _check_x_matches_k(x, B, N)
     _check_noise(noise, (B, N))
     check_same_device(q_cls=q_cls, k=k, x=x, noise=noise)
     num_keep, cu_seqlens, total, max_seqlen = _ratio_plan(mask_ratio, B, N, x.device)
     visible, ids_keep, mask, _ = _fused_op(q_cls, k, x, num_keep, cu_seqlens, total, noise, bool(relative_noise))
-    return visible, MaskSelection(ids_keep, cu_seqlens, mask, max_seqlen)
+    return visible, MaskSelection(ids_keep, cu_seqlens, max_seqlen, mask)

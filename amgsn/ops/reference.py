@@ -26,14 +26,18 @@ class MaskSelection(NamedTuple):
 
     ids_keep:   (T,) int64 — kept patch indices, ascending within each image, images concatenated.
     cu_seqlens: (B+1,) int32 — prefix sums of the per-image kept counts, starting at 0.
-    mask:       (B, N) bool — True where the patch is masked (removed), as MAE's 1.
     max_seqlen: int — the largest per-image kept count.
+    mask:       (B, N) bool — True where the patch is masked (removed), as MAE's 1.
+
+    The order is the gathers' argument order: ``gather_visible(x, *sel)`` and
+    ``scatter_visible(y, *sel, mask_token=token)`` take the whole selection, and the mask tells them
+    B and N (so an ``x`` that still holds its CLS token is refused, not read shifted by one).
     """
 
     ids_keep: torch.Tensor
     cu_seqlens: torch.Tensor
-    mask: torch.Tensor
     max_seqlen: int
+    mask: torch.Tensor
 
 
 def num_keep_from_ratio(mask_ratio: float | torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
@@ -42,49 +46,63 @@ def num_keep_from_ratio(mask_ratio: float | torch.Tensor, batch: int, num_patche
     return torch.clamp(torch.floor((1.0 - r) * num_patches + 1e-4), 1, num_patches).to(torch.int64)
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: float64 stays float64 (every op computes in at least its input's precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _score_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def cls_attention_scores_full(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """DINO/AttMask: the block's full attention matrix, then its CLS row without the CLS column.
 
-    q, k: (B, H, 1+N, d), CLS first -> (B, N) float32 (``attn[:, :, 0, 1:].mean(1)``).
+    q, k: (B, H, 1+N, d), CLS first -> (B, N) float32, float64 for float64 inputs
+    (``attn[:, :, 0, 1:].mean(1)``).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     attn = (q @ k.transpose(-2, -1)) * scale  # (B, H, 1+N, 1+N)
-    attn = attn.float().softmax(dim=-1)
+    attn = attn.to(_score_dtype(q, k)).softmax(dim=-1)
     return attn[:, :, 0, 1:].mean(dim=1)
 
 
 def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Reference of docs/method.md §3.1 from the CLS query alone: q_cls (B, H, d), k (B, H, 1+N, d) -> (B, N)."""
+    """Reference of docs/method.md §3.1 from the CLS query alone: q_cls (B, H, d), k (B, H, 1+N, d) -> (B, N),
+    computed and returned in float32 (float64 when either input is float64)."""
+    dtype = _score_dtype(q_cls, k)
     scale = 1.0 / math.sqrt(q_cls.shape[-1])
-    logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k.float()) * scale
+    logits = torch.einsum("bhd,bhnd->bhn", q_cls.to(dtype), k.to(dtype)) * scale
     return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
 
 
 def selection_values(
     scores: torch.Tensor, noise: torch.Tensor | None = None, relative_noise: bool = False
 ) -> torch.Tensor:
-    """The values ranked by the selection, in float64 (exact: see below) -> (B, N).
+    """The values ranked by the selection, in float64 -> (B, N).
 
-    ``v = float64(scores) + float64(noise) * scale`` with ``scale = 1``, or with ``relative_noise``
-    the image's score range ``float32(max - min)`` (1 where the range is 0). Adding noise scaled by
-    the range ranks exactly like adding it to min-max-normalised scores (ABMG, docs/method.md §4.1). The
-    product of two float32 numbers is exact in float64, so a fused multiply-add and a separate
-    multiply + add give the same bits: every implementation ranks identical values.
+    ``v = float64(s) + float64(z) * scale`` where ``s`` and ``z`` are the scores and the noise each in
+    at least float32 (float64 stays float64: no float32 round trip), ``scale = 1``, or with
+    ``relative_noise`` the image's score range ``max - min`` taken in the precision of ``s`` (1 where the
+    range is 0). Adding noise scaled by the range ranks exactly like adding it to min-max-normalised
+    scores (ABMG, docs/method.md §4.1). For float32 operands the product is exact in float64, so a fused
+    multiply-add and a separate multiply + add give the same bits; with a float64 operand every
+    implementation multiplies, then adds (no contraction). Either way they all rank identical values.
 
     NaN (docs/method.md, "Masking ops: edge cases"): a NaN value becomes -inf, so it ranks below every
     number and ties with -inf (index order decides), and the range is taken over the non-NaN scores.
     """
-    values = scores.float().double()
+    s = _widen(scores)
+    values = s.double()
     if noise is not None:
         scale = torch.ones_like(values[:, :1])
         if relative_noise:
-            s32 = scores.float()
-            nan = s32.isnan()
-            hi = s32.masked_fill(nan, float("-inf")).amax(dim=1, keepdim=True)
-            lo = s32.masked_fill(nan, float("inf")).amin(dim=1, keepdim=True)
+            nan = s.isnan()
+            hi = s.masked_fill(nan, float("-inf")).amax(dim=1, keepdim=True)
+            lo = s.masked_fill(nan, float("inf")).amin(dim=1, keepdim=True)
             span = (hi - lo).double()
             scale = torch.where(span > 0, span, scale)
-        values = values + noise.float().double() * scale
+        values = values + _widen(noise).double() * scale
     return values.masked_fill(values.isnan(), float("-inf"))
 
 
@@ -109,7 +127,7 @@ def abmg_select(
     ids_keep = (~mask).nonzero()[:, 1]  # row-major: ascending within an image, images in order
     cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=scores.device)
     cu_seqlens[1:] = torch.cumsum(num_keep, 0)
-    return MaskSelection(ids_keep, cu_seqlens, mask, int(num_keep.max()))
+    return MaskSelection(ids_keep, cu_seqlens, int(num_keep.max()), mask)
 
 
 def _batch_index(cu_seqlens: torch.Tensor) -> torch.Tensor:
