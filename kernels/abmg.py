@@ -45,18 +45,25 @@ from .gather import _col_block, _gather_kernel, _row_block
 __all__ = ["cls_attention_scores", "abmg_select", "abmg_mask_and_gather"]
 
 
-def _launch_config(N: int, d: int) -> dict[str, int]:
-    """Block sizes by problem size. NP = N padded to a power of two; BDH = the head-dim block of the key
-    tile, the whole row (d) while the (NP, BDH) tile stays within 16K elements (64 fp32 registers per
-    thread at 8 warps; N = 196, d = 64 loads each head's keys in one tile); BJ = the j-block of the
-    rank's (NP, BJ) float64 compare tile (~16 elements per thread)."""
+def _launch_config(N: int, d: int, key_bytes: int = 2) -> dict[str, int]:
+    """Block sizes by problem size, held to register budgets that ``amgsn kernels`` checks (docs/method.md §9.1:
+    no spills, at least 2 CTAs per SM on sm_90 at the benchmark shapes).
+
+    NP = N padded to a power of two. BDH = the head-dim block of the key tile: the whole row (d) while the
+    (NP, BDH) tile stays within 32 KiB of keys — 16K bf16 / fp16 elements, 8K fp32, 4K fp64 — i.e. 64 bytes
+    of keys per thread at 8 warps (N = 196, d = 64: each head's keys in one tile for 16-bit keys, two for
+    fp32; a 16K-element fp32 tile needed 141 registers on sm_90, one CTA per SM). BJ = the j-block of the
+    rank's (NP, BJ) float64 compare tile, ~8 elements per thread (16 per thread needed 128-145 registers on
+    sm_89 / sm_90 with Triton 3.8 — one CTA per SM for the noisy selection, 8 spilled bytes on sm_89; 8 per
+    thread needs 64-95)."""
     NP = triton.next_power_of_2(max(N, 1))
     num_warps = 4 if NP <= 64 else 8
-    per_cta = 16 * 32 * num_warps
+    per_cta = 8 * 32 * num_warps
+    tile = 32768 // max(key_bytes, 1)
     return {
         "NP": NP,
-        "BDH": max(1, min(triton.next_power_of_2(max(d, 1)), max(16, 16384 // NP))),
-        "BJ": max(1, min(32, 2 * per_cta // NP)),
+        "BDH": max(1, min(triton.next_power_of_2(max(d, 1)), max(16, tile // NP))),
+        "BJ": max(1, min(32, per_cta // NP)),
         "num_warps": num_warps,
     }
 
@@ -251,7 +258,7 @@ def _head_probs(q_cls: torch.Tensor, k: torch.Tensor, probs: torch.Tensor) -> No
     """probs (B, H, N) fp32 (fp64 for float64 inputs) <- per-head CLS attention over the patches."""
     B, H, d = q_cls.shape
     N = k.shape[2] - 1
-    cfg = _launch_config(N, d)
+    cfg = _launch_config(N, d, max(q_cls.element_size(), k.element_size()))
     _head_probs_kernel[(B, H)](
         q_cls, *q_cls.stride(), k, *k.stride(), probs, H, N, d, 1.0 / math.sqrt(d),
         NP=cfg["NP"], BDH=cfg["BDH"], num_warps=cfg["num_warps"],

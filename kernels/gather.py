@@ -32,11 +32,14 @@ import triton.language as tl
 
 __all__ = ["assert_ok", "gather_visible", "inverse_map", "scatter_visible", "scatter_visible_backward", "unpack_rows"]
 
-# Tile shapes, checked with ptxas -v for sm_90 (bf16, unit D stride): 16 rows x up to 256 columns stays
-# near 100 registers per thread without spills (32 rows x 256 reaches 218-254), so several CTAs fit on
-# an SM. Narrow rows (small D) take more rows per tile instead. 256 bf16 columns = 512-byte row reads.
+# Tile shapes: 16 rows x up to 256 columns per CTA of 4 warps. `amgsn kernels` (ptxas from the Triton wheel,
+# Triton 3.8, sm_80-sm_90, the benchmark shapes) reports 32-40 registers for 16-bit rows and 48-56 for fp32,
+# no spills, 9-16 CTAs per SM; the scatter backward's 32 x 128 tiles 48-70. Narrow rows (small D) take more
+# rows per tile instead. 256 bf16 columns = 512-byte row reads.
 _NUM_WARPS = 4
-_CU_BLOCK = 128  # cu_seqlens entries checked per step by the program that checks them
+# cu_seqlens entries checked per step by the program that checks them. 128 made ptxas spill 32 bytes in the
+# checked 16-bit gather on sm_80 (at 32 registers); 32 does not, and B + 1 = 257 entries are 9 steps.
+_CU_BLOCK = 32
 
 
 def _col_block(D: int) -> int:
@@ -181,7 +184,7 @@ def _scatter_kernel(
     kept = rows >= 0
     offs_d = tl.program_id(2) * BD + tl.arange(0, BD)
     d_ok = offs_d < D
-    val = tl.load(y_ptr + rows.to(tl.int64)[:, None] * syt + offs_d[None, :] * syd, mask=kept[:, None] & d_ok[None, :])
+    val = tl.load(y_ptr + rows.to(tl.int64)[:, None] * syt + offs_d[None, :] * syd, mask=kept[:, None])
     if HAS_TOKEN:
         tok = tl.load(tok_ptr + offs_d, mask=d_ok)
         val = tl.where(kept[:, None], val, tok[None, :])
@@ -320,7 +323,7 @@ def scatter_visible_backward(
         return grad_y.zero_(), torch.zeros((D,), dtype=acc, device=grad_out.device)
     inv = inverse_map(ids_keep, cu_seqlens, N)
     partial = torch.empty((B, D), dtype=acc, device=grad_out.device)
-    # 32 x 128 tiles (~94 registers): each program loops over all N rows of its column block.
+    # 32 x 128 tiles (48-70 registers, `amgsn kernels`): each program loops over all N rows of its column block.
     BD = min(_col_block(D), 128)
     BN = max(32, _row_block(BD, N))
     g = grad_out
