@@ -145,6 +145,7 @@ def record_launches(dtypes: Sequence[str] = ("bf16", "fp16", "fp32")) -> list[La
 
     ratios = 0.5 + 0.4 * r(B)  # MRUS: per-image ratios in [0.5, 0.9]
     with rec:
+        noises = ((None, False, ""), ("abs", False, " + noise"), ("rel", True, " + relative noise"))
         for name in dtypes:
             dt = getattr(torch, _DTYPES[name])
             q = r(B, H, HEAD_DIM, dtype=dt)
@@ -153,15 +154,16 @@ def record_launches(dtypes: Sequence[str] = ("bf16", "fp16", "fp32")) -> list[La
             rec.op = f"cls_attention_scores {name}"
             scores = ops.cls_attention_scores(q, k)
             for ratio, ratio_name in ((ratios, "per-image ratios"), (0.75, "one ratio")):
-                for nz, rel, noise_name in ((None, False, ""), (noise, False, " + noise"), (noise, True, " + relative noise")):
+                for nz, rel, noise_name in noises:
                     rec.op = f"abmg_mask_and_gather {name}, {ratio_name}{noise_name}"
                     x = r(B, N, D_FUSED, dtype=dt).requires_grad_()
-                    visible, _ = ops.abmg_mask_and_gather(q, k, x, ratio, noise=nz, relative_noise=rel)
+                    visible, _ = ops.abmg_mask_and_gather(q, k, x, ratio, noise=None if nz is None else noise,
+                                                          relative_noise=rel)
                     rec.op = f"abmg_mask_and_gather backward {name}"
                     visible.backward(torch.ones_like(visible))
-            for nz, rel, noise_name in ((None, False, ""), (noise, False, " + noise"), (noise, True, " + relative noise")):
+            for nz, rel, noise_name in noises:
                 rec.op = f"abmg_select{noise_name}"
-                sel = ops.abmg_select(scores, ratios, noise=nz, relative_noise=rel)
+                sel = ops.abmg_select(scores, ratios, noise=None if nz is None else noise, relative_noise=rel)
             x = r(B, N, D_SELECT, dtype=dt).requires_grad_()
             rec.op = f"gather_visible {name}"
             visible = ops.gather_visible(x, sel.ids_keep, sel.cu_seqlens)
@@ -403,7 +405,7 @@ def extension_rows(archs: Sequence[int]) -> list[dict[str, Any]]:
         row["spill_bytes"] = max(row["spill_bytes"], local)
         row["stack_bytes"] = max(row["stack_bytes"], stack)
         row["shared_bytes"] = max(row["shared_bytes"], shared)
-    for (kernel, arch), row in sorted(worst.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (_, arch), row in sorted(worst.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if arch in ARCHS:
             row["ctas_per_sm"] = ctas_per_sm(ARCHS[arch], row["registers"], row["num_warps"], row["shared_bytes"])
             row["warps_per_sm"] = row["ctas_per_sm"] * row["num_warps"]
