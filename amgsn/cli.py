@@ -156,6 +156,39 @@ def _run_bench(args) -> int:
 
 
 @command
+def _add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="compile every Triton kernel ahead of time for GPU architectures (no GPU "
+                                       "needed): registers, spills, shared memory, occupancy, grid (docs/method.md "
+                                       "§9.1)")
+    p.add_argument("--arch", default=None,
+                   help="comma-separated compute capabilities, e.g. 80,90 (default 80,86,89,90, plus the visible "
+                        "GPU's)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--jobs", type=int, default=2, help="parallel compiles")
+    p.add_argument("--allow-spills", action="store_true", help="exit 0 even when a kernel spills")
+    p.add_argument("--no-extension", action="store_true", help="skip the compiled center-loss kernels of amgsn._C")
+    p.set_defaults(func=_run_kernels)
+
+
+def _run_kernels(args) -> int:
+    from amgsn.engine import kernel_report
+
+    try:
+        archs = kernel_report.parse_archs(args.arch) if args.arch else list(kernel_report.DEFAULT_ARCHS)
+    except ValueError as err:
+        return _fail("kernels", err)
+    if args.arch is None and (own := kernel_report.local_arch()) in kernel_report.ARCHS and own not in archs:
+        archs.append(own)
+    if args.jobs < 1:
+        return _fail("kernels", ValueError(f"--jobs must be >= 1, got {args.jobs}"))
+    argv = ["--arch", ",".join(map(str, archs)), "--jobs", str(args.jobs)]
+    argv += ["--json", args.json_out] if args.json_out else []
+    argv += ["--allow-spills"] if args.allow_spills else []
+    argv += ["--no-extension"] if args.no_extension else []
+    return kernel_report.run(argv)
+
+
+@command
 def _add_bench_step(sub) -> None:
     p = sub.add_parser("bench-step", help="median pre-training step time: fused, fused + saliency bank, reference, "
                                           "plain MAE")
