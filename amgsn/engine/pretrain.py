@@ -221,7 +221,7 @@ def write_mask_gallery(model: MaskedAutoencoderViT, cfg: PretrainConfig, path: P
     q, k, _ = model.teacher_qk(x)
     model.train(was_training)
     B, N = x.shape[0], model.num_patches
-    abmg = abmg_select(cls_attention_scores(q.float(), k.float()), cfg.mask_ratio).mask
+    abmg = abmg_select(cls_attention_scores(q, k), cfg.mask_ratio).mask
     gen = torch.Generator().manual_seed(cfg.seed)
     rand = abmg_select(torch.zeros(B, N), cfg.mask_ratio, torch.rand(B, N, generator=gen)).mask
     extra = {}

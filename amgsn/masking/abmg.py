@@ -194,7 +194,9 @@ class MaskingPolicy:
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if self.impl == "fused":
-            return cls_attention_scores(q.float(), k.float())
+            # In the activations' dtype (bf16 under autocast): the kernel reads the keys as they are and
+            # accumulates in fp32 — an fp32 copy of K would double the bytes it reads.
+            return cls_attention_scores(q, k)
         return ref_ops.cls_attention_scores_full(q.float(), k.float())
 
     # ------------------------------------------------------------------ selection
