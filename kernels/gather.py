@@ -184,7 +184,7 @@ def _scatter_kernel(
     kept = rows >= 0
     offs_d = tl.program_id(2) * BD + tl.arange(0, BD)
     d_ok = offs_d < D
-    val = tl.load(y_ptr + rows.to(tl.int64)[:, None] * syt + offs_d[None, :] * syd, mask=kept[:, None])
+    val = tl.load(y_ptr + rows.to(tl.int64)[:, None] * syt + offs_d[None, :] * syd, mask=kept[:, None] & d_ok[None, :])
     if HAS_TOKEN:
         tok = tl.load(tok_ptr + offs_d, mask=d_ok)
         val = tl.where(kept[:, None], val, tok[None, :])
