@@ -1,5 +1,6 @@
 """Public operators of amgsn (docs/method.md §3). Each works on CPU (C++) and CUDA (Triton / CUDA),
-under autograd and ``torch.compile``, and has a pure-PyTorch twin in :mod:`amgsn.ops.reference`."""
+under autograd and ``torch.compile``, and has a pure-PyTorch twin in :mod:`amgsn.ops.reference`.
+The drop-in functions for MAE / timm code (§3.9) live in :mod:`amgsn.ops.dropin`."""
 
 from amgsn.ops.center_loss import (
     CenterStats,
@@ -9,6 +10,7 @@ from amgsn.ops.center_loss import (
     debiased_center_loss,
     debiased_center_loss_with_stats,
 )
+from amgsn.ops.dropin import attention_masking, from_padded, random_masking, to_padded
 from amgsn.ops.masking import (
     MaskSelection,
     abmg_mask_and_gather,
@@ -32,6 +34,10 @@ __all__ = [
     "saliency_bank_write_",
     "supcon_loss",
     "abmg_mask_and_gather",
+    "attention_masking",
+    "from_padded",
+    "random_masking",
+    "to_padded",
     "abmg_select",
     "cls_attention_scores",
     "gather_visible",

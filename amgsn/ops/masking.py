@@ -109,7 +109,12 @@ def _ratio_plan(
     r = float(mask_ratio)
     if not 0.0 <= r <= 1.0:  # also rejects NaN
         raise ValueError(f"mask_ratio must lie in [0, 1], got {mask_ratio}")
-    keep = min(num_patches, max(1, math.floor((1.0 - r) * num_patches + 1e-4)))
+    return fixed_plan(min(num_patches, max(1, math.floor((1.0 - r) * num_patches + 1e-4))), batch, device)
+
+
+def fixed_plan(keep: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The plan of ``keep`` >= 1 patches in every image: one arange for ``cu_seqlens``; ``num_keep`` is a
+    stride-0 view of its element 1 (= keep)."""
     cu_seqlens = torch.arange(0, (batch + 1) * keep, keep, dtype=torch.int32, device=device)
     return cu_seqlens[1:2].expand(batch), cu_seqlens, batch * keep, keep
 
