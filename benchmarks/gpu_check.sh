@@ -35,6 +35,24 @@ step "copy bandwidth + operator benchmarks"
 timeout 150 $PY -m amgsn bench --device cuda --json "$OUT/bench_ops.json" --rounds 50 --step-steps 0 2>&1 | tee "$OUT/bench_ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "memory floors: each launch's measured time beside its DRAM floor (docs/method.md §9.2)"
+timeout 90 $PY benchmarks/memory_floors.py --device cuda --json "$OUT/floors.json" 2>&1 | tee "$OUT/floors.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "compute-sanitizer memcheck: the CUDA masking kernels at odd sizes (no caching allocator)"
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SANITIZER" ]; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+      $PY -m pytest -q -m cuda tests/test_cuda_odd_shapes.py -p no:cacheprovider > "$OUT/memcheck.txt" 2>&1
+  rc=$?; tail -5 "$OUT/memcheck.txt"; [ $rc -eq 0 ] || { echo "memcheck exit $rc"; status=1; }
+else
+  echo "compute-sanitizer not found on this machine: memcheck not run" | tee "$OUT/memcheck.txt"
+fi
+
+step "amgsn kernels: registers, spills, occupancy (Triton here + this GPU's arch)"
+timeout 150 $PY -m amgsn kernels --jobs 8 --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || status=1
+grep -E "^(_select|_rank|_head)|amgsn kernels:" "$OUT/kernels.txt" | cut -c1-160
+
 if [ "${PROFILE:-1}" != 0 ]; then  # PROFILE=0 leaves ~2 minutes of device time for gpu_experiment.sh
   step "where the step's time goes (benchmarks/profile_step.py)"
   timeout 240 $PY benchmarks/profile_step.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || status=1
