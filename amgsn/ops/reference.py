@@ -179,6 +179,30 @@ def abmg_mask_and_gather_full(
     return gather_visible(x, sel.ids_keep, sel.cu_seqlens), sel
 
 
+def attention_masking(
+    x: torch.Tensor,
+    q_cls: torch.Tensor,
+    k: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+    relative_noise: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AttMask-High with MAE's contract (docs/method.md §3.9), written with MAE's argsorts and gathers:
+    remove the ``L - int(L * (1 - mask_ratio))`` most attended patches; ``ids_shuffle`` = the kept
+    patches, then the removed ones, each in index order -> ``(x_masked, mask, ids_restore)``."""
+    B, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    values = selection_values(cls_attention_scores(q_cls, k), noise, relative_noise)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)  # most attended first
+    removed = torch.zeros(B, L, dtype=torch.uint8, device=x.device).scatter_(1, order[:, : L - len_keep], 1)
+    ids_shuffle = torch.argsort(removed, dim=1, stable=True)  # kept (0) first, each group in index order
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x_masked = torch.gather(x, dim=1, index=ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :len_keep] = 0
+    return x_masked, torch.gather(mask, dim=1, index=ids_restore), ids_restore
+
+
 # --------------------------------------------------------------------------------------------
 # Losses (docs/method.md §3.6–3.8) — see below.
 # --------------------------------------------------------------------------------------------
