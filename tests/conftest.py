@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreter_memcheck import Memcheck, interpreter_on  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,6 +38,31 @@ def require_compiled_kernels(item) -> None:
 def pytest_runtest_setup(item):
     if torch.cuda.is_available():  # elsewhere the cuda tests are skipped (above)
         require_compiled_kernels(item)
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def interpreter_memcheck(request):
+    """Every Triton launch the interpreter runs in a test is bounds-checked: an access outside the
+    launch's tensor arguments fails the test, naming the kernel line (tests/interpreter_memcheck.py,
+    the CPU stand-in for compute-sanitizer's memcheck). Yields the checker (None without the interpreter)."""
+    if not interpreter_on() or os.environ.get("AMGSN_MEMCHECK") == "0":  # AMGSN_MEMCHECK=0: off (to time it)
+        yield None
+        return
+    with Memcheck() as mc:
+        yield mc
+    if not request.node.stash.get(CALL_FAILED, False):  # a failed test already said (the error is raised at once)
+        mc.assert_clean()  # a test that caught the error still fails
 
 
 @pytest.fixture

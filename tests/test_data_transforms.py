@@ -61,6 +61,29 @@ def test_train_transforms_shape_and_randomness(seed, kind):
     assert torch.equal(tf(img), a)  # reproducible under the seeds (DataLoader workers seed both)
 
 
+def test_recorded_view_box_on_a_non_square_image():
+    # The view's top / height are fractions of the image's height, left / width of its width (issue 22:
+    # the view recorder's rows were only ever checked on their x side). An image 60 wide, 90 high whose
+    # pixels hold their own y coordinate: the crop's top and bottom edges can be read back from the output.
+    H, W = 90, 60
+    y = np.tile(np.linspace(0, 255, H, dtype=np.float32)[:, None], (1, W))
+    img = Image.fromarray(np.stack([y, y, y], -1).round().astype(np.uint8))
+    tf = build_pretrain_transform(32, record_view=True)
+    tops = []
+    for s in range(12):
+        random.seed(s)
+        torch.manual_seed(s)
+        got, view, _ = tf(img)
+        random.seed(s)  # the same draw by hand: the crop's box in pixels
+        i, j, h, w = tf.crop.get_params(img, tf.crop.scale, tf.crop.ratio)
+        torch.testing.assert_close(view[:4], torch.tensor([i / H, j / W, h / H, w / W]), rtol=0, atol=1e-7)
+        top, _, height, _, _ = view.tolist()
+        col = got[0, :, 16] * IMAGENET_DEFAULT_STD[0] + IMAGENET_DEFAULT_MEAN[0]  # de-normalised, one column
+        assert abs(float(col[0]) - top) < 0.04 and abs(float(col[-1]) - (top + height)) < 0.04, (s, view)
+        tops.append(i)
+    assert max(tops) > 10  # crops away from the top edge, where i / H and i / W differ
+
+
 def test_transform_arguments():
     with pytest.raises(ValueError, match="image_size"):
         build_finetune_transform(4)

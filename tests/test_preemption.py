@@ -68,6 +68,13 @@ def _losses(run: Path, *keys: str) -> list[list[float]]:
     return [[r["epoch"], *(r[k] for k in keys)] for r in records]
 
 
+def _records(run: Path) -> list[dict]:
+    """The run's log.jsonl records, less their wall-clock fields."""
+    clock = {"seconds", "images_per_s", "finished_at"}
+    return [{k: v for k, v in json.loads(line).items() if k not in clock}
+            for line in (run / "log.jsonl").read_text().splitlines()]
+
+
 def _interrupt_and_resume(stage: str, args: list[str], tmp_path: Path, *, signal_at: int, signal_name: str,
                           nproc: int = 1, signal_rank: int = 0) -> tuple[dict, dict, str, Path, Path]:
     """(uninterrupted final state, interrupted + resumed final state, the stop message, the two run
@@ -125,11 +132,18 @@ def test_pretrain_under_torchrun_stops_every_rank_after_the_same_step(tiny_synth
             "--abmg-warmup", "1", "--workers", "0"]
     # 2 ranks x batch 4: 8 steps per epoch. Only rank 1 gets the signal; rank 0 learns of it in the
     # next step's all-reduce, both finish step 6, rank 0 writes the checkpoint.
-    a, b, said, _, _ = _interrupt_and_resume("pretrain", args, tmp_path, signal_at=5, signal_name="SIGTERM", nproc=2,
-                                       signal_rank=1)
+    a, b, said, straight, stopped = _interrupt_and_resume("pretrain", args, tmp_path, signal_at=5,
+                                                          signal_name="SIGTERM", nproc=2, signal_rank=1)
     assert "stopped after step 6 (epoch 0, batch 6 of 8)" in said
     assert len(a["rng_ranks"]) == 2 and not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])
     _assert_same_state(a, b, ("model", "optimizer", "ratio_bank", "rng_ranks"))
+    # The epoch log records too (issue 22): the saved sums are over all ranks, so only rank 0 may start
+    # from them on resume — restored on every rank, the resumed epoch's loss would count them twice.
+    want, got = _records(straight), _records(stopped)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [0, 1]
+    for w, g in zip(want, got):
+        differ = {k: (g.get(k), w.get(k)) for k in w.keys() | g.keys() if g.get(k) != w.get(k)}
+        assert not differ, f"epoch {w['epoch']} log record, resumed vs uninterrupted: {differ}"
 
 
 def test_save_every_steps_writes_checkpoint_last_inside_the_epoch(tiny_synthetic, tmp_path, monkeypatch):

@@ -148,3 +148,20 @@ def test_the_numpy_allow_list_admits_no_other_numpy_object(tmp_path):
     with pytest.raises(UnsafeFileError, match="system"):
         safe_torch_load(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("obj", [np.float64(1.5), np.uint32(3), np.int64(3), np.ones(2), np.zeros(2, dtype=np.int64),
+                                 np.dtype(np.float64)],
+                         ids=["float64_scalar", "uint32_scalar", "int64_scalar", "float64_array", "int64_array",
+                              "float64_dtype"])
+def test_the_numpy_allow_list_admits_only_uint32_arrays(obj, tmp_path):
+    # Issue 22: a harmless-looking NumPy object other than the legacy uint32 RNG array — a scalar, even a uint32
+    # one (NumPy's `scalar` reconstructor), or anything of another dtype (e.g. `Float64DType`) — must be refused too:
+    # the allow-list holds exactly what the legacy RNG state needs, nothing broader.
+    path = tmp_path / "x.pth"
+    torch.save({"w": torch.ones(1), "x": obj}, path)
+    with pytest.raises(UnsafeFileError, match="not a safe checkpoint") as err:
+        safe_torch_load(path)
+    assert "numpy" in str(err.value)  # names the NumPy global it would need
+    torch.save({"w": torch.ones(1), "x": np.arange(3, dtype=np.uint32)}, path)  # the one thing admitted
+    assert np.array_equal(safe_torch_load(path)["x"], np.arange(3, dtype=np.uint32))

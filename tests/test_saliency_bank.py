@@ -17,6 +17,7 @@ from amgsn.data.transforms import build_pretrain_transform
 from amgsn.engine.checkpoint import load_checkpoint
 from amgsn.engine.pretrain import PretrainConfig, pretrain
 from amgsn.masking import MaskingPolicy, SaliencyBank, spearman
+from amgsn.masking.saliency_bank import IDENTITY_VIEW
 from amgsn.models import MaskedAutoencoderViT
 from amgsn.ops import abmg_select, cls_attention_scores, saliency_bank_read, saliency_bank_write_
 from amgsn.ops import reference as ref
@@ -176,6 +177,50 @@ def test_bank_plan_write_and_state(tmp_path):
     bank.write(torch.tensor([6]), scores[:1], views[:1])
     torch.testing.assert_close(bank.maps[6].float(), (before + 0.5 * ((scores[0] / 5).reshape(2, 3) - before)),
                                atol=1e-3, rtol=0)
+
+
+def test_refresh_count_is_exact_where_p_times_b_rounds_above_an_integer():
+    # 0.28 * 25 = 7.000000000000001 and 0.56 * 50 = 28.000000000000004 in float64: ceil must still give 7 / 28
+    # (issue 22), and the plan must hold that many images.
+    for p, b, k in ((0.28, 25, 7), (0.28, 50, 14), (0.56, 25, 14), (0.14, 50, 7), (0.56, 50, 28)):
+        assert p * b > k  # the float product really lands above the integer
+        bank = SaliencyBank(64, 2, refresh=p)
+        assert bank.num_refresh(b) == k, (p, b)
+        assert bank.plan(torch.arange(b)).tolist() == list(range(k))
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_preview_of_a_seen_image_blends_like_write_then_read(impl, seed):
+    # preview = what write + read would give, without touching the bank — for images already in the bank,
+    # whose maps a write moves only `blend` of the way (issue 22: blend < 1 was never previewed).
+    gen = torch.Generator().manual_seed(seed)
+    bank = SaliencyBank(12, (3, 5), refresh=0.5, impl=impl, blend=0.25)
+    whole = torch.tensor([IDENTITY_VIEW])
+    bank.write(torch.arange(12), torch.rand(12, 15, generator=gen), whole.repeat(12, 1))  # every map seen
+    idx = torch.tensor([7, 2, 9])  # seen
+    fresh_idx = torch.tensor([4])
+    boxes, flips = _views(3, gen)
+    src = torch.cat([boxes, flips.float()[:, None]], 1)
+    src[0] = whole[0]  # the whole image: the map moves a quarter of the way everywhere
+    read_views = torch.cat([_views(3, gen)[0], torch.tensor([[0.0], [1.0], [0.0]])], 1)
+    scores = torch.randn(3, 15, generator=gen)
+    maps, last = bank.maps.clone(), bank.last_refresh.clone()
+    got = bank.preview(idx, scores, src, read_views)
+    assert torch.equal(bank.maps, maps) and torch.equal(bank.last_refresh, last)  # the bank is left as it is
+    # The same by the bank's own write + read (on a copy), and by hand for the whole-image view.
+    twin = SaliencyBank(12, (3, 5), refresh=0.5, impl=impl, blend=0.25)
+    twin.load_state_dict(bank.state_dict())
+    twin.write(idx, scores, src)
+    torch.testing.assert_close(got, twin.read(idx, read_views), rtol=0, atol=1e-6)
+    new = (scores[0] - scores[0].min()) / (scores[0].max() - scores[0].min())
+    by_hand = maps[7].float().reshape(-1) + 0.25 * (new - maps[7].float().reshape(-1))
+    torch.testing.assert_close(twin.maps[7].float().reshape(-1), by_hand, rtol=0, atol=2e-3)
+    assert not torch.allclose(twin.maps[7].float().reshape(-1), new, atol=0.05)  # not an overwrite
+    # A never-seen image is overwritten whatever the blend (fresh), as write does.
+    twin2 = SaliencyBank(12, (3, 5), refresh=0.5, impl=impl, blend=0.25)
+    twin2.write(fresh_idx, scores[:1], whole)
+    torch.testing.assert_close(SaliencyBank(12, (3, 5), 0.5, impl=impl, blend=0.25).preview(
+        fresh_idx, scores[:1], whole, whole), twin2.read(fresh_idx, whole), rtol=0, atol=1e-6)
 
 
 def test_spearman():

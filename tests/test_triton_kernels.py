@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from interpreter_memcheck import memcheck, padded
 from masking_cases import boundary_gap
 
 from amgsn import kernels as K
@@ -446,6 +447,116 @@ def test_fused_grouped_keys_heavy_ties(seed):
         assert all(scores[b].unique().numel() <= 2 for b in range(B))
         _assert_selection(ids, mask, scores, ratio, nz, rel)
         assert torch.equal(visible, R.gather_visible(x, ids, cu))
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: every launcher at odd shapes under the interpreter memcheck (tests/interpreter_memcheck.py)
+# --------------------------------------------------------------------------------------------
+# The conftest fixture checks every launch of every test; these cases add the shapes where a dropped
+# bounds term reads past a tensor without changing any output (D not a power of two: the column tile
+# is wider than the row, N odd: the row tile is taller than the image, D > 256: a second column block)
+# and hand every input to the kernels as a view at the start of a larger buffer (`padded`), so the
+# first element past a tensor's end is nobody's and an overrun is caught wherever the allocator put
+# the next tensor. Issue 22: dropping `& d_ok` from the scatter's y load only shows up here.
+
+
+def _padded_selection(B: int, N: int, gen: torch.Generator):
+    ids, cu, mask, _ = _random_selection(B, N, gen)
+    return padded(ids), padded(cu), mask
+
+
+@pytest.mark.parametrize("B,N,D", [(3, 37, 37), (4, 49, 65), (2, 7, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copies_stay_in_bounds_at_odd_shapes(seed, B, N, D, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    ids, cu, mask = _padded_selection(B, N, gen)
+    T = ids.numel()
+    with memcheck() as mc:
+        for x in (padded(torch.randn(B, N, D).to(dtype)), padded(_noncontig_rows(B, N, D, dtype))):
+            assert torch.equal(K.gather_visible(x, ids, cu), R.gather_visible(x, ids, cu))
+        tok = padded(torch.randn(D).to(dtype))  # already y's dtype: the launcher passes this very view
+        for y in (padded(torch.randn(T, D).to(dtype)), padded(torch.randn(T, 2 * D).to(dtype)[:, ::2])):
+            assert torch.equal(K.scatter_visible(y, ids, cu, tok, N), R.scatter_visible(y, ids, cu, tok, N))
+        grad_out = padded(_noncontig_rows(B, N, D, dtype))
+        grad_y, _ = K.scatter_visible_backward(grad_out, ids, cu, N)
+        assert torch.equal(grad_y, R.gather_visible(grad_out, ids, cu))
+        inv = padded(K.inverse_map(ids, cu, N))
+        for y in (padded(torch.randn(T, D).to(dtype)), padded(torch.randn(T, 2 * D).to(dtype)[:, ::2])):
+            assert torch.equal(K.unpack_rows(y, inv), R.scatter_visible(y, ids, cu, torch.zeros(D), N))
+    assert {"_gather_kernel", "_inverse_kernel", "_scatter_kernel", "_scatter_bwd_kernel"} <= set(mc.launches)
+
+
+@pytest.mark.parametrize("B,H,N,d,D", [(3, 2, 37, 5, 37), (2, 3, 49, 37, 65)])
+def test_scores_selection_and_fused_stay_in_bounds_at_odd_shapes(seed, B, H, N, d, D):
+    gen = torch.Generator().manual_seed(seed)
+    q_cls, k = _qk(B, H, N, d)
+    q_cls, k = padded(q_cls), padded(k)
+    x = padded(_noncontig_rows(B, N, D))
+    noise = padded(0.05 * torch.randn(B, 2 * N, generator=gen)[:, ::2])
+    ratio = _ratios("per_image", B, gen)
+    num_keep, cu, T, _ = _packing(ratio, B, N)
+    num_keep, cu = padded(num_keep), padded(cu)
+    with memcheck() as mc:
+        scores = padded(K.cls_attention_scores(q_cls, k))
+        for nz in (None, noise):
+            ids, mask = K.abmg_select(scores, num_keep, cu, T, nz, True)
+            _assert_selection(ids, mask, scores, ratio, nz, True)
+            visible, ids_f, mask_f, inv = K.abmg_mask_and_gather(q_cls, k, x, num_keep, cu, T, nz, True)
+            assert torch.equal(ids_f, ids) and torch.equal(visible, R.gather_visible(x, ids, cu))
+            g = padded(torch.randn(T, D))
+            assert torch.equal(K.unpack_rows(g, padded(inv)), R.scatter_visible(g, ids, cu, torch.zeros(D), N))
+    assert {"_head_probs_kernel", "_scores_mean_kernel", "_select_kernel", "_rank_kernel"} <= set(mc.launches)
+
+
+def test_bad_selections_are_refused_without_an_out_of_bounds_access(seed):
+    # "Bad input never reads or writes out of bounds" (kernels/gather.py): ids outside [0, N), a
+    # repeated id, cu_seqlens that decrease, overshoot T or do not start at 0 — each refused, and the
+    # memcheck sees no access outside the arguments on the way.
+    B, N, D = 3, 37, 37
+    x = padded(torch.randn(B, N, D))
+    ok_ids = torch.arange(12) % N
+    ok_cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    bad = [(torch.where(torch.arange(12) == 5, N + 100, ok_ids), ok_cu),
+           (torch.where(torch.arange(12) == 7, -3, ok_ids), ok_cu),
+           (torch.where(torch.arange(12) == 1, 0, ok_ids), ok_cu),  # repeated within image 0 (scatter only)
+           (ok_ids, torch.tensor([0, 8, 4, 12], dtype=torch.int32)),
+           (ok_ids, torch.tensor([0, 4, 8, 1000], dtype=torch.int32)),
+           (ok_ids, torch.tensor([3, 4, 8, 12], dtype=torch.int32))]
+    with memcheck():
+        for i, (ids, cu) in enumerate(bad):
+            ids, cu = padded(ids), padded(cu)
+            y, tok = padded(torch.randn(12, D)), padded(torch.randn(D))
+            if i != 2:
+                with pytest.raises(ValueError, match="not a valid packed selection"):
+                    K.gather_visible(x, ids, cu)
+            with pytest.raises(ValueError, match="not a valid packed selection"):
+                K.scatter_visible(y, ids, cu, tok, N)
+            with pytest.raises(ValueError, match="not a valid packed selection"):
+                K.scatter_visible_backward(x, ids, cu, N)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the degenerate box, in NumPy
+@pytest.mark.parametrize("grid", [(3, 5), (7, 7)])
+def test_saliency_kernels_stay_in_bounds(seed, grid):
+    from amgsn.kernels import saliency as KS
+
+    gen = torch.Generator().manual_seed(seed)
+    (Gh, Gw), M, B = grid, 9, 5
+    bank = padded(torch.rand(M, Gh, Gw, generator=gen).half())
+    idx = padded(torch.randperm(M, generator=gen)[:B])
+    boxes = padded(torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.7, 0.6, 0.3, 0.4], [0.1, 0.2, 0.5, 0.3],
+                                 [0.0, 0.0, 0.0, 0.0], [0.9, 0.9, 0.5, 0.5]]))  # a degenerate box, one past the edge
+    flips, fresh = padded(torch.tensor([False, True, False, True, True])), padded(torch.rand(B, generator=gen) < 0.5)
+    scores = padded(torch.randn(B, Gh * Gw, generator=gen))
+    with memcheck() as mc:
+        KS.saliency_bank_read(bank, idx, boxes, flips)
+        KS.saliency_bank_write_(bank, idx, scores, boxes, flips, fresh, 0.5)
+        bad = padded(torch.tensor([0, M + 3, -1, 2, M]))  # rows outside the bank: refused, never touched
+        with pytest.raises(ValueError, match="indices"):
+            KS.saliency_bank_read(bank, bad, boxes, flips)
+        with pytest.raises(ValueError, match="indices"):
+            KS.saliency_bank_write_(bank, bad, scores, boxes, flips, fresh, 0.5)
+    assert mc.launches.keys() >= {"_read_kernel", "_write_kernel"}
 
 
 def test_cuda_tests_fail_under_the_interpreter():
