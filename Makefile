@@ -8,7 +8,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 
-.PHONY: setup demo test bench gpu-check gpu-experiment lint clean build
+.PHONY: setup demo test bench kernels gpu-check gpu-experiment lint clean build
 
 setup: $(STAMP)
 
@@ -28,8 +28,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every Triton kernel compiled ahead of time for sm_80-sm_90 (no GPU needed; docs/method.md §9.1): fails on a
+# compile error or a spill. tests/test_kernel_report.py asserts the budgets from runs/kernels.json.
+kernels: $(STAMP)
+	$(VENV)/bin/amgsn kernels --arch 80,86,89,90 --json runs/kernels.json
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory kernels
 	$(VPY) -m pytest -q
 
 bench: $(STAMP)

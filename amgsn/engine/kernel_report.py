@@ -449,6 +449,22 @@ def problems(rows: Sequence[dict[str, Any]], fail_on_spill: bool = True) -> list
     return out
 
 
+def source_hash() -> str:
+    """What the table depends on: the Triton version and the sources of the kernels and of the ops that launch
+    them (a JSON written from other sources is stale)."""
+    import hashlib
+    import importlib.util
+
+    import triton
+
+    digest = hashlib.sha256(triton.__version__.encode())
+    for package in ("amgsn.kernels", "amgsn.ops"):
+        folder = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def parse_archs(text: str) -> list[int]:
     archs = []
     for part in text.split(","):
@@ -475,7 +491,10 @@ def _child_main(argv: Sequence[str]) -> int:
     print(format_table(rows))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps({"archs": archs, "rows": rows}, indent=1) + "\n")
+        import triton
+
+        Path(args.json_out).write_text(json.dumps({"archs": archs, "triton": triton.__version__,
+                                                   "source_hash": source_hash(), "rows": rows}, indent=1) + "\n")
     bad = problems(rows, fail_on_spill=not args.allow_spills)
     for line in bad:
         print(f"amgsn kernels: {line}", file=sys.stderr)

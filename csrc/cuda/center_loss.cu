@@ -11,9 +11,9 @@
 // * Per-class column sums (the forward's statistics, the in-place update): every output element
 //   has exactly one writer and sums its rows in index order — no atomics, deterministic, nothing
 //   to zero first, and the two label paths below give the same bits.
-//   - C <= kSmallClasses: class_column_kernel — one block per (class, 256 columns) compacts the rows
-//     of its class from the whole label vector (ballot + prefix): O(C·B) label reads, cheapest for
-//     the few classes of FER.
+//   - C <= kSmallClasses: class_column_kernel — one block per (class, 32-256 columns: narrower when
+//     the classes are few, so the grid fills the GPU) compacts the rows of its class from the whole
+//     label vector (ballot + prefix): O(C·B) label reads, cheapest for the few classes of FER.
 //   - larger C: segment_kernel (one block) sorts the batch by class — a counting sort: histogram,
 //     exclusive scan (class starts + the list of present classes), stable placement — into the
 //     workspace; segment_column_kernel then reads only its own class's rows: O(B + C) label work.
@@ -209,22 +209,27 @@ __device__ __forceinline__ void finish_column(cen_t* c, int64_t j, int64_t D, in
 
 // kUpdate = false: sums[j, col] = Σ_{i: y_i = j} (f_i − c_j)[col], counts[j] = n_j.
 // kUpdate = true:  c[j, col] += α · that sum / (1 + n_j)   (in place, classes with n_j > 0).
-// Small C: each block finds its class's rows by scanning all labels.
-template <typename scalar_t, typename cen_t, typename acc_t, bool kUpdate>
-__global__ void __launch_bounds__(kThreads)
+// Small C: each block finds its class's rows by scanning all labels. kCols threads per block, one
+// column each: with few classes the launcher narrows the blocks so that the grid still fills the GPU
+// (C = 7, D = 768: 7 × 3 blocks of 256 would leave 111 of 132 SMs idle; 7 × 24 blocks of 32 do not).
+// Every column still sums its rows in index order: the same bits at every width.
+template <typename scalar_t, typename cen_t, typename acc_t, bool kUpdate, int kCols>
+__global__ void __launch_bounds__(kCols)
     class_column_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ y, cen_t* __restrict__ c,
                         int64_t B, int64_t D, int64_t C, acc_t alpha, acc_t* __restrict__ sums,
                         int64_t* __restrict__ counts) {
-  __shared__ int rows[kThreads];
-  __shared__ int warp_total[kWarps];
+  static_assert(kCols % 32 == 0 && kCols <= kThreads, "kCols: whole warps, at most kThreads");
+  constexpr int kColWarps = kCols / 32;
+  __shared__ int rows[kCols];
+  __shared__ int warp_total[kColWarps];
   const int64_t j = blockIdx.x;
-  const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
   const bool has_col = col < D;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const acc_t cv = has_col ? static_cast<acc_t>(c[j * D + col]) : acc_t(0);
   acc_t acc = 0;
   int64_t n = 0;
-  for (int64_t base = 0; base < B; base += kThreads) {
+  for (int64_t base = 0; base < B; base += kCols) {
     // Compact this chunk's rows of class j into rows[], keeping index order.
     const int64_t i = base + threadIdx.x;
     bool match = false;
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     int offset = 0, total = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kColWarps; ++w) {
       const int t = warp_total[w];
       offset += w < warp ? t : 0;
       total += t;
@@ -416,6 +421,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// SMs of a device, asked once per device (cudaDeviceGetAttribute does not synchronise).
+int64_t multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int64_t> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device);
+  if (it != counts.end()) return it->second;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return counts[device] = std::max(sms, 1);
+}
+
 unsigned column_blocks(int64_t C, int64_t D) {
   const int64_t col_blocks = (D + kThreads - 1) / kThreads;
   TORCH_CHECK_VALUE(C <= 2147483647 && col_blocks <= 65535, "centers of shape (", C, ", ", D,
@@ -432,8 +449,26 @@ void launch_class_columns(const Tensor& f, const Tensor& y, cen_t* c, int64_t C,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned cols = column_blocks(C, D);
   if (C <= kSmallClasses) {
-    class_column_kernel<scalar_t, cen_t, acc_t, kUpdate><<<dim3(static_cast<unsigned>(C), cols), kThreads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), c, B, D, C, alpha, sums, counts);
+    // The widest block (of 256, 128, 64, 32 columns) whose grid has at least two blocks per SM.
+    const int64_t target = 2 * multiprocessor_count(f.device().index());
+    int width = kThreads;
+    while (width > 32 && C * ((D + width - 1) / width) < target) width /= 2;
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(std::max<int64_t>((D + width - 1) / width, 1)));
+    const auto* fp = f.data_ptr<scalar_t>();
+    const auto* yp = y.data_ptr<int64_t>();
+    switch (width) {
+      case 256:
+        class_column_kernel<scalar_t, cen_t, acc_t, kUpdate, 256><<<grid, 256, 0, stream>>>(fp, yp, c, B, D, C, alpha, sums, counts);
+        break;
+      case 128:
+        class_column_kernel<scalar_t, cen_t, acc_t, kUpdate, 128><<<grid, 128, 0, stream>>>(fp, yp, c, B, D, C, alpha, sums, counts);
+        break;
+      case 64:
+        class_column_kernel<scalar_t, cen_t, acc_t, kUpdate, 64><<<grid, 64, 0, stream>>>(fp, yp, c, B, D, C, alpha, sums, counts);
+        break;
+      default:
+        class_column_kernel<scalar_t, cen_t, acc_t, kUpdate, 32><<<grid, 32, 0, stream>>>(fp, yp, c, B, D, C, alpha, sums, counts);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
