@@ -117,10 +117,60 @@ def _scatter(device: str, B: int = 256, N: int = 196, D: int = 512):
     return ours, ref, moved
 
 
+def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with one intra-op thread (the thread count is restored after each call)."""
+
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def _scores_cpu(device: str, B: int = 256, H: int = 12, N: int = 196, d: int = 64):
+    """Issue 23: the CLS scores on one CPU thread, ours (lane dots + ATen softmax) vs the plain einsum route."""
+    from amgsn import ops
+    from amgsn.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, d, generator=gen).to(device)
+    k = torch.randn(B, H, N + 1, d, generator=gen).to(device)
+    moved = (q.numel() + k.numel() + B * N) * 4
+    return (one_thread(lambda: ops.cls_attention_scores(q, k)),
+            one_thread(lambda: reference.cls_attention_scores(q, k)), moved)
+
+
+def _fused_cpu(device: str, B: int = 256, H: int = 12, N: int = 196, d: int = 64, D: int = 768):
+    """Issue 23: the fused op on one CPU thread vs einsum scores + ``torch.topk`` (the kept = least attended,
+    unsorted: the cheapest plain route) + ``torch.gather`` — a float ratio, as MAE."""
+    from amgsn import ops
+    from amgsn.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, d, generator=gen).to(device)
+    k = torch.randn(B, H, N + 1, d, generator=gen).to(device)
+    x = torch.randn(B, N, D, generator=gen).to(device)
+    keep = int(N * (1 - 0.75))
+
+    def plain():
+        scores = reference.cls_attention_scores(q, k)
+        ids = torch.topk(scores, keep, dim=1, largest=False).indices
+        return torch.gather(x, 1, ids[..., None].expand(-1, -1, D))
+
+    return one_thread(lambda: ops.abmg_mask_and_gather(q, k, x, 0.75)), one_thread(plain), None
+
+
 MASKING_CASES = [
     Case("abmg_select+gather_visible", "B=256 N=196 D=192 r~U[0.5,0.9]", ("cpu", "cuda"), _select_gather, 2.0),
     Case("abmg_mask_and_gather", "B=256 H=12 N=196 d=64 D=768 r~U[0.5,0.9]", ("cuda",), _fused, 5.0),
     Case("scatter_visible", "B=256 N=196 D=512", ("cpu", "cuda"), _scatter, None),
+    Case("cls_attention_scores vs einsum", "B=256 H=12 N=196 d=64 fp32, 1 thread", ("cpu",), _scores_cpu, 1.5),
+    Case("abmg_mask_and_gather vs einsum+topk+gather", "B=256 H=12 N=196 d=64 D=768 r=0.75 fp32, 1 thread",
+         ("cpu",), _fused_cpu, 1.3),
 ]
 
 

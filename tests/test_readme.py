@@ -126,3 +126,94 @@ def test_reproduce_the_paper_wall_times_follow_the_measured_throughput():
             assert abs(stated - seconds) <= 0.25 * seconds + 1, (count, rate, value, unit)
             checked += 1
     assert checked == 4
+
+
+# --------------------------------------------------------------------------- "Drop into MAE / timm"
+
+
+def _drop_in_snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", _section("Drop into MAE / timm"), flags=re.S)
+
+
+def test_drop_in_snippets_are_short():
+    snippets = _drop_in_snippets()
+    assert len(snippets) == 3
+    assert len(snippets[0].splitlines()) <= 15  # the replacement of random_masking in models_mae.py
+
+
+def test_drop_in_mae_snippet(seed):
+    """The README's replacement of MAE's random_masking, patched into an MAE built from timm blocks
+    (tests/mae_model.py, MAE's algorithm written out): the random one gives MAE's loss and gradients for
+    the same noise; the attention-guided one trains — the loss falls, gradients reach patch_embed and
+    mask_token — and removes what the last block's CLS attends to most."""
+    import torch
+    from mae_model import TinyMAE, mae_random_masking, twin
+
+    from amgsn import ops
+    from amgsn.models import cls_query_keys
+
+    space = {"torch": torch}  # models_mae.py imports torch
+    exec(compile(_drop_in_snippets()[0], str(README), "exec"), space)
+    torch.manual_seed(seed)
+    mae = TinyMAE()
+    imgs = torch.randn(4, 3, 32, 32)
+    losses = []
+    for method in (space["random_masking"], lambda self, x, r: mae_random_masking(x, r)):
+        torch.manual_seed(seed + 1)
+        loss = twin(mae, random_masking=method)(imgs, 0.75)[0]
+        losses.append((loss, torch.autograd.grad(loss, list(mae.parameters()))))
+    assert torch.equal(losses[0][0], losses[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
+
+    model = twin(mae, random_masking=space["attention_masking"])
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    first = None
+    for _ in range(8):
+        loss, _, mask = model(imgs, 0.75)
+        opt.zero_grad()
+        loss.backward()
+        assert mae.patch_embed.proj.weight.grad.abs().sum() > 0 and mae.mask_token.grad.abs().sum() > 0
+        opt.step()
+        first = float(loss) if first is None else first
+    assert float(loss) < first and mask.sum(1).tolist() == [12.0] * 4
+    # the removed patches are the op's own selection of the last block's CLS attention on the whole image
+    with torch.no_grad():
+        x = mae.patch_embed(imgs) + mae.pos_embed[:, 1:]
+        t = torch.cat([(mae.cls_token + mae.pos_embed[:, :1]).expand(4, -1, -1), x], 1)
+        for blk in mae.blocks[:-1]:
+            t = blk(t)
+        scores = ops.cls_attention_scores(*cls_query_keys(mae.blocks[-1], t))
+        _, mask, _ = model.forward_encoder(imgs, 0.75)
+    assert torch.equal(mask.bool(), ops.abmg_select(scores, 0.75).mask)
+
+
+def test_drop_in_timm_vit_snippet():
+    import torch
+
+    from amgsn import ops
+
+    space: dict = {}
+    exec(compile(_drop_in_snippets()[1], str(README), "exec"), space)
+    x_masked, mask, ids_restore = space["x_masked"], space["mask"], space["ids_restore"]
+    assert x_masked.shape == (4, 4, 192) and mask.sum(1).tolist() == [12.0] * 4
+    sel = ops.abmg_select(ops.cls_attention_scores(space["q_cls"], space["k"]), 0.75)
+    assert torch.equal(mask.bool(), sel.mask)
+    patches = space["patches"]
+    assert torch.equal(x_masked, ops.gather_visible(patches, *sel).view(4, 4, 192))
+    index = ids_restore[..., None].expand(-1, -1, 192)
+    restored = torch.gather(torch.cat([x_masked, torch.zeros(4, 12, 192)], 1), 1, index)
+    assert torch.equal(restored[~sel.mask], patches[~sel.mask])
+
+
+def test_drop_in_per_image_ratio_snippet():
+    import torch
+
+    from amgsn.ops import reference
+
+    space: dict = {}
+    exec(compile(_drop_in_snippets()[2], str(README), "exec"), space)
+    sel, out, packed, full = space["sel"], space["out"], space["packed"], space["full"]
+    torch.testing.assert_close(out, packed, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full, reference.scatter_visible(out, sel.ids_keep, sel.cu_seqlens, torch.zeros(192), 196))
+    counts = (~sel.mask).sum(1)
+    assert counts.tolist() == reference.num_keep_from_ratio(space["ratios"], 8, 196).tolist()
