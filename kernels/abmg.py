@@ -50,15 +50,15 @@ def _launch_config(N: int, d: int, key_bytes: int = 2) -> dict[str, int]:
     no spills, at least 2 CTAs per SM on sm_90 at the benchmark shapes).
 
     NP = N padded to a power of two. BDH = the head-dim block of the key tile: the whole row (d) while the
-    (NP, BDH) tile stays within 32 KiB of keys — 16K bf16 / fp16 elements, 8K fp32, 4K fp64 — i.e. 64 bytes
-    of keys per thread at 8 warps (N = 196, d = 64: each head's keys in one tile for 16-bit keys, two for
-    fp32; a 16K-element fp32 tile needed 141 registers on sm_90, one CTA per SM). BJ = the j-block of the
-    rank's (NP, BJ) float64 compare tile, ~8 elements per thread (16 per thread needed 128-145 registers on
-    sm_89 / sm_90 with Triton 3.8 — one CTA per SM for the noisy selection, 8 spilled bytes on sm_89; 8 per
-    thread needs 64-95)."""
+    (NP, BDH) tile stays within 32 KiB of keys — 16K bf16 / fp16, 8K fp32 or 4K fp64 elements, i.e. 64 / 32
+    / 16 elements per thread at 8 warps (N = 196, d = 64: each head's keys in one tile for 16-bit keys, two
+    for fp32; a 16K-element fp32 tile needed 141 registers on sm_90, one CTA per SM). BJ = the j-block of the
+    rank's (NP, BJ) float64 compare tile, 16 elements per thread (32 per thread needed 126-145 registers on
+    sm_80-sm_90 with Triton 3.8 — one CTA per SM for the noisy selection, 8 spilled bytes on sm_89 — 16 needs
+    64-95)."""
     NP = triton.next_power_of_2(max(N, 1))
     num_warps = 4 if NP <= 64 else 8
-    per_cta = 8 * 32 * num_warps
+    per_cta = 16 * 32 * num_warps
     tile = 32768 // max(key_bytes, 1)
     return {
         "NP": NP,
