@@ -5,7 +5,8 @@ The fused op is three launches with no host sync between them (issue 18 item 4):
 
 1. ``_head_probs_kernel`` on a (B, H) grid: one program per (image, head) loads the head's CLS query and
    its whole (N, d) key block (full rows up to a 32 KiB tile) and writes that head's CLS-attention
-   row ``P[b, h, :]`` (fp32; fp64 for float64 inputs) to scratch — B·H programs instead of B, and no chain of dependent tile loads;
+   row ``P[b, h, :]`` (fp32; fp64 for float64 inputs) to scratch — B·H programs instead of B, and no
+   chain of dependent tile loads;
 2. ``_rank_kernel`` on a (B,) grid: the head mean ``s = Σ_h P[b, h] / H`` (h ascending), the rank, and
    the selection's outputs — ``ids_keep``, the mask and the inverse map ``inv[b, n]`` (packed row of
    patch n, -1 where masked) that the backward scatters through (no search, no inverse-map launch);
