@@ -60,9 +60,9 @@ def test_every_triton_kernel_compiles_for_every_arch(report):
     for arch in ARCHS:
         compiled = {r["kernel"] for r in rows if r["arch"] == f"sm_{arch}"}
         assert compiled == _triton_kernels_in_package(), f"sm_{arch}: {compiled ^ _triton_kernels_in_package()}"
-    # bf16, fp16 and fp32 specialisations of the fused op's kernels were all compiled
+    # bf16, fp16, fp32 and fp64 specialisations of the fused op's kernels were all compiled
     probs = {r["specialization"].split()[0] for r in rows if r["kernel"] == "_head_probs_kernel"}
-    assert probs == {"bf16/fp32", "fp16/fp32", "fp32"}
+    assert probs == {"bf16/fp32", "fp16/fp32", "fp32", "fp64"}
 
 
 def test_no_kernel_spills_on_any_arch(report):

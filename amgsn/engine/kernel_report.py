@@ -128,11 +128,12 @@ class Recorder:
         JITFunction.run = self._saved
 
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
-def record_launches(dtypes: Sequence[str] = ("bf16", "fp16", "fp32")) -> list[Launch]:
-    """Call every public op that has a Triton route, forward and backward, at the benchmark shapes."""
+def record_launches(dtypes: Sequence[str] = ("bf16", "fp16", "fp32", "fp64")) -> list[Launch]:
+    """Call every public op that has a Triton route, forward and backward, at the benchmark shapes: in the
+    training dtypes, and in float64 (the drop-in ops compute in their input's precision, docs/method.md §3.9)."""
     import torch
 
     from amgsn import ops
