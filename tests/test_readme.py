@@ -174,8 +174,8 @@ def test_drop_in_mae_snippet(seed):
         loss.backward()
         assert mae.patch_embed.proj.weight.grad.abs().sum() > 0 and mae.mask_token.grad.abs().sum() > 0
         opt.step()
-        first = float(loss) if first is None else first
-    assert float(loss) < first and mask.sum(1).tolist() == [12.0] * 4
+        first = loss.item() if first is None else first
+    assert loss.item() < first and mask.sum(1).tolist() == [12.0] * 4
     # the removed patches are the op's own selection of the last block's CLS attention on the whole image
     with torch.no_grad():
         x = mae.patch_embed(imgs) + mae.pos_embed[:, 1:]
