@@ -66,6 +66,18 @@ def _add_init_and_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="encoder depth (default: --init's, else the size's)")
 
 
+def _add_compile(p: argparse.ArgumentParser, shapes: bool = True) -> None:
+    """--compile and its options (docs/method.md §9.2)."""
+    p.add_argument("--compile", action="store_true",
+                   help="regional torch.compile: each kind of block compiled once and shared (docs/method.md §9.2)")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+    if shapes:
+        p.add_argument("--compile-shapes", default="dynamic", metavar="HOW",
+                       help="the packed encoder's token count, new every step: 'dynamic' (one graph for every count) "
+                            "or 'bucket' (padded to one of 3 sizes)")
+
+
 @command
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="MAE pre-training with ABMG masks and MRUS ratios (docs/method.md §4.1-4.2)",
@@ -109,6 +121,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--resume", default=None, help="checkpoint to resume from (also one written inside an epoch)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/labels (counted, reported)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_compile(p)
     p.set_defaults(func=_run_pretrain)
 
 
@@ -205,6 +218,7 @@ def _add_bench_step(sub) -> None:
     p.add_argument("--saliency-refresh", type=float, default=None, metavar="P",
                    help="fused_bank's refresh fraction (default: amgsn.engine.bench_step.DEFAULT_REFRESH)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    _add_compile(p)
     p.set_defaults(func=_run_bench_step)
 
 
@@ -217,25 +231,32 @@ def _run_bench_step(args) -> int:
         result = bench_step(model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                             batch_size=args.batch_size, ratio_range=tuple(args.ratio_range), device=args.device,
                             steps=args.steps, depth=args.depth, saliency_refresh=args.saliency_refresh,
-                            variants=tuple(args.variants) if args.variants else VARIANTS)
+                            variants=tuple(args.variants) if args.variants else VARIANTS, compile=args.compile,
+                            compile_mode=args.compile_mode, compile_shapes=args.compile_shapes)
     except _USER_ERRORS as e:
         return _fail("bench-step", e)
     if args.json:
         print(json.dumps(result))
         return 0
-    for name in VARIANTS:
+    for name in (v + suffix for v in VARIANTS for suffix in ("", "_compiled")):
         if name not in result:
             continue
         r = result[name]
         extra = f"  P = {r['saliency_refresh']:g}" if "saliency_refresh" in r else ""
-        print(f"{name:<11} {r['median_ms']:>10.1f} ms/step  {r['images_per_s']:>8.1f} img/s"
+        if "compile_s" in r:
+            extra += f"  compile {r['compile_s']:.1f} s, {r['recompiles']} recompiles"
+        print(f"{name:<20} {r['median_ms']:>10.1f} ms/step  {r['images_per_s']:>8.1f} img/s"
               + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else "") + extra)
-    for key, text in (("fused_speedup_vs_reference", "fused vs reference: {:.2f}x"),
-                      ("fused_over_mae_random", "fused / mae_random: {:.2f}"),
-                      ("reference_over_fused_bank", "reference / fused_bank: {:.2f}"),
-                      ("fused_bank_over_mae_random", "fused_bank / mae_random: {:.2f}")):
-        if key in result:
-            print(text.format(result[key]))
+    for suffix in ("", "_compiled"):
+        for key, text in (("fused_speedup_vs_reference", "fused vs reference: {:.2f}x"),
+                          ("fused_over_mae_random", "fused / mae_random: {:.2f}"),
+                          ("reference_over_fused_bank", "reference / fused_bank: {:.2f}"),
+                          ("fused_bank_over_mae_random", "fused_bank / mae_random: {:.2f}")):
+            if key + suffix in result:
+                print(("compiled: " if suffix else "") + text.format(result[key + suffix]))
+    for name in VARIANTS:
+        if f"{name}_compiled_speedup" in result:
+            print(f"{name}: compiled {result[f'{name}_compiled_speedup']:.2f}x eager")
     return 0
 
 
@@ -390,6 +411,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/labels (counted, reported)")
     p.add_argument("--cache-images", action="store_true", help="decode every image once, keep them in memory")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_compile(p, shapes=False)
     p.set_defaults(func=_run_finetune)
 
 

@@ -204,7 +204,11 @@ class CompiledRegions(Regions):
         before = _TALLY.compiles[name]
         start = time.perf_counter()
         try:
-            return fn(*args)
+            # Under DDP, Dynamo would split a region's graph at DDP's bucket boundaries (to overlap the
+            # all-reduce with a backward inside the graph); a region is one block, DDP's hooks fire as
+            # its gradients come out anyway: one graph per region.
+            with torch._dynamo.config.patch(optimize_ddp=False):
+                return fn(*args)
         finally:
             local.region = outer
             if _TALLY.compiles[name] != before:  # this call compiled: its wall time is compile time
