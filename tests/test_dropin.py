@@ -309,13 +309,21 @@ def test_cls_query_keys_are_the_blocks(seed, heads, dim, qkv_bias, qk_norm, modu
             nn.init.normal_(norm.bias, 0.0, 0.3)
     attn.fused_attn = False  # so timm materialises the attention matrix we compare against
     seen = {}
-    attn.q_norm.register_forward_hook(lambda m, i, o: seen.setdefault("q", o))
-    attn.k_norm.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))
-    attn.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("attn", o))
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen[name] = output.detach().clone()
+
+        return hook
+
+    hooks = [attn.q_norm.register_forward_hook(record("q")), attn.k_norm.register_forward_hook(record("k")),
+             attn.attn_drop.register_forward_hook(record("attn"))]
     x = torch.randn(3, 1 + 15, dim, generator=gen)
     (block or attn)(x)
+    for hook in hooks:
+        hook.remove()
     q_cls, k = cls_query_keys(block or attn, x)
-    seen_q, seen_k, seen_attn = seen.pop("q"), seen.pop("k"), seen.pop("attn")  # (B, H, 1+N, ·)
+    seen_q, seen_k, seen_attn = seen["q"], seen["k"], seen["attn"]  # (B, H, 1+N, ·) from timm's forward
     assert q_cls.shape == (3, heads, dim // heads) and k.shape == (3, heads, 16, dim // heads)
     torch.testing.assert_close(q_cls, seen_q[:, :, 0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(k, seen_k, atol=1e-6, rtol=1e-5)
