@@ -330,3 +330,52 @@ def test_cls_query_keys_are_the_blocks(seed, heads, dim, qkv_bias, qk_norm, modu
     torch.testing.assert_close(ops.cls_attention_scores(q_cls, k), seen_attn[:, :, 0, 1:].mean(1), atol=1e-7, rtol=1e-5)
     q_all, _ = cls_query_keys(block or attn, x, all_queries=True)
     torch.testing.assert_close(q_all, seen_q, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run by benchmarks/gpu_check.sh): the same results as the CPU route, float64 kept, gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_dropin_matches_cpu(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, L, d, D = 4, 3, 196, 16, 24
+    x = torch.randn(B, L, D, generator=gen).to(dtype)
+    q, k = torch.randn(B, H, d, generator=gen).to(dtype), torch.randn(B, H, L + 1, d, generator=gen).to(dtype)
+    noise = torch.rand(B, L, generator=gen)  # large next to the scores: no near-ties between devices
+    for fn, args in ((ops.random_masking, (0.75, noise)), (ops.attention_masking, (q, k, 0.75, noise))):
+        cpu = fn(x, *args)
+        xc = x.cuda().requires_grad_()
+        got = fn(xc, *(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+        for g, w in zip(got, cpu):
+            assert g.device.type == "cuda" and torch.equal(g.cpu(), w)
+        (gx,) = torch.autograd.grad(got[0], xc, torch.ones_like(got[0]))
+        assert torch.equal(gx.cpu(), (1 - cpu[1]).to(dtype)[..., None].expand(B, L, D))
+    sel = ops.abmg_select(torch.rand(B, L, generator=gen), torch.rand(B, generator=gen))
+    visible = ops.gather_visible(x, *sel)
+    sel_c = ref.MaskSelection(sel.ids_keep.cuda(), sel.cu_seqlens.cuda(), sel.max_seqlen, sel.mask.cuda())
+    padded, valid = ops.to_padded(visible.cuda(), sel_c.cu_seqlens, sel_c.max_seqlen)
+    want_padded, want_valid = ops.to_padded(visible, sel.cu_seqlens, sel.max_seqlen)
+    assert torch.equal(padded.cpu(), want_padded) and torch.equal(valid.cpu(), want_valid)
+    assert torch.equal(ops.from_padded(padded, sel_c.cu_seqlens, visible.shape[0]).cpu(), visible)
+
+
+@pytest.mark.cuda
+def test_cuda_float64_gradcheck_and_precision(seed):
+    from torch.autograd import gradcheck
+
+    gen = torch.Generator().manual_seed(seed)
+    B, H, L, d = 2, 2, 9, 4
+    x = torch.randn(B, L, 3, dtype=torch.float64, generator=gen).cuda().requires_grad_()
+    q = torch.randn(B, H, d, dtype=torch.float64, generator=gen).cuda()
+    k = torch.randn(B, H, L + 1, d, dtype=torch.float64, generator=gen).cuda()
+    noise = torch.rand(B, L, dtype=torch.float64, generator=gen).cuda()
+    assert ops.cls_attention_scores(q, k).dtype == torch.float64
+    torch.testing.assert_close(ops.cls_attention_scores(q, k), ref.cls_attention_scores(q, k), atol=1e-15, rtol=1e-13)
+    assert gradcheck(lambda t: ops.random_masking(t, 0.5, noise)[0], (x,))
+    assert gradcheck(lambda t: ops.attention_masking(t, q, k, 0.5, noise)[0], (x,))
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32, device="cuda")
+    v = torch.randn(7, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert gradcheck(lambda t: ops.from_padded(ops.to_padded(t, cu, 5)[0] * 2, cu, 7), (v,))
