@@ -45,16 +45,6 @@ def inductor_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def one_thread():
-    """The compiled runs here and their subprocesses (OMP_NUM_THREADS=1) generate the same kernels:
-    Inductor writes the thread count into its C++ code."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def aot_eager(monkeypatch):
     monkeypatch.setenv(comp.BACKEND_ENV, "aot_eager")
     torch._dynamo.reset()  # counts start from nothing compiled
@@ -73,8 +63,9 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def _recorded_run(data: Path, out: Path, monkeypatch, **kw) -> dict:
-    """pretrain() with every step's loss and mask recorded."""
+def _recorded_run(data: Path, out: Path, **kw) -> dict:
+    """pretrain() with every step's loss and mask recorded, on one thread: the same kernels as the
+    subprocesses below (OMP_NUM_THREADS=1; Inductor writes the thread count into its C++ code)."""
     from amgsn.engine.common import NonFiniteGuard
 
     seen: dict[str, list] = {"loss": [], "mask": [], "visible": []}
@@ -90,20 +81,31 @@ def _recorded_run(data: Path, out: Path, monkeypatch, **kw) -> dict:
         seen["visible"].append(batch.visible.shape[0])
         return batch
 
-    with monkeypatch.context() as m:
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(NonFiniteGuard, "check", check)
         m.setattr(MaskingPolicy, "select", select)
-        summary = pretrain(PretrainConfig(data_dir=str(data), out=str(out), **{**RUN, **kw}))
-    return {**seen, "summary": summary}
+        torch.set_num_threads(1)
+        try:
+            summary = pretrain(PretrainConfig(data_dir=str(data), out=str(out), **{**RUN, **kw}))
+        finally:
+            torch.set_num_threads(threads)
+    return {**seen, "summary": summary, "out": out}
 
 
-def test_ten_compiled_steps_give_the_eager_losses_masks_and_ratios(tiny_synthetic, tmp_path, monkeypatch,
-                                                                   inductor_cache, one_thread):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
-    monkeypatch.delenv(comp.BACKEND_ENV, raising=False)
-    torch._dynamo.reset()
-    eager = _recorded_run(tiny_synthetic, tmp_path / "eager", monkeypatch)
-    compiled = _recorded_run(tiny_synthetic, tmp_path / "compiled", monkeypatch, compile=True)
+@pytest.fixture(scope="module")
+def compiled_run(tiny_synthetic, tmp_path_factory, inductor_cache) -> dict:
+    """The 10-step run with --compile (Inductor, this module's cache: it pays the C++ build)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
+        m.delenv(comp.BACKEND_ENV, raising=False)
+        torch._dynamo.reset()
+        return _recorded_run(tiny_synthetic, tmp_path_factory.mktemp("compiled") / "run", compile=True)
+
+
+def test_ten_compiled_steps_give_the_eager_losses_masks_and_ratios(tiny_synthetic, tmp_path, compiled_run):
+    eager = _recorded_run(tiny_synthetic, tmp_path / "eager")
+    compiled = compiled_run
     assert len(eager["loss"]) == len(compiled["loss"]) == 10
     assert eager["visible"] == compiled["visible"] and len(set(eager["visible"])) > 1  # T changed step to step
     for step, (a, b) in enumerate(zip(eager["mask"], compiled["mask"])):
@@ -114,14 +116,14 @@ def test_ten_compiled_steps_give_the_eager_losses_masks_and_ratios(tiny_syntheti
     torch.testing.assert_close(compiled["summary"]["ratio_bank"], eager["summary"]["ratio_bank"], rtol=0,
                                atol=1e-6)
     # log.jsonl: each region compiled once over a run whose T changed every step; epoch 1's teacher too
-    records = _records(tmp_path / "compiled")
+    records = _records(compiled["out"])
     assert records[-1]["compiles"] == {"decoder.block": 1, "decoder.embed": 1, "decoder.loss": 1,
                                        "encoder.attn_in": 1, "encoder.attn_out": 1, "teacher.block": 1}
     assert records[-1]["recompiles"] == 0 and records[-1]["compile_s"] > 0
     assert "compiles" not in _records(tmp_path / "eager")[-1]
     # The checkpoint is an eager one: same keys (no _orig_mod.), loads strictly into an eager model.
     a = load_checkpoint(tmp_path / "eager" / "checkpoint-last.pth", kind="pretrain")
-    b = load_checkpoint(tmp_path / "compiled" / "checkpoint-last.pth", kind="pretrain")
+    b = load_checkpoint(compiled["out"] / "checkpoint-last.pth", kind="pretrain")
     assert list(a["model"]) == list(b["model"])
     MaskedAutoencoderViT(**b["model_config"]).load_state_dict(b["model"], strict=True)
 
@@ -140,11 +142,11 @@ def _cli(args: list[str], cache: str, signal_at: int | None = None, nproc: int =
                           text=True, timeout=400)
 
 
-def test_sigterm_then_resume_with_compile_is_bit_exact(tiny_synthetic, tmp_path, inductor_cache):
+def test_sigterm_then_resume_with_compile_is_bit_exact(tiny_synthetic, tmp_path, inductor_cache, compiled_run):
+    """The uninterrupted run is the module's (in this process); the stopped and resumed ones are
+    subprocesses, each compiling anew (from the module's Inductor cache)."""
     args = ["pretrain", "--data-dir", str(tiny_synthetic), *RUN_ARGS, "--compile"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    done = _cli([*args, "--out", str(straight)], inductor_cache)
-    assert done.returncode == 0, done.stderr[-3000:]
+    straight, stopped = compiled_run["out"], tmp_path / "stopped"
     cut = _cli([*args, "--out", str(stopped)], inductor_cache, signal_at=5)
     assert cut.returncode == 128 + signal.SIGTERM, cut.stderr[-3000:]
     assert "SIGTERM received, stopped after step 6 (epoch 0, batch 6 of 8)" in cut.stderr
@@ -292,8 +294,10 @@ def test_compile_options_name_the_flag(tiny_synthetic, tmp_path, capsys):
 
 def test_compiled_classifier_is_timms_forward_block_by_block(aot_eager, tiny_synthetic, tmp_path):
     torch.manual_seed(0)
-    eager = ViTClassifier("vit_tiny", 7, img_size=32, patch_size=8, depth=2, drop_path_rate=0.0)
-    compiled = ViTClassifier("vit_tiny", 7, img_size=32, patch_size=8, depth=2, drop_path_rate=0.0)
+    # token pooling: the final norm is timm's `norm` (average pooling moves it to `fc_norm`, after the blocks)
+    eager = ViTClassifier("vit_tiny", 7, img_size=32, patch_size=8, depth=2, drop_path_rate=0.0, global_pool="token")
+    compiled = ViTClassifier("vit_tiny", 7, img_size=32, patch_size=8, depth=2, drop_path_rate=0.0,
+                             global_pool="token")
     compiled.load_state_dict(eager.state_dict())
     comp.compile_classifier(compiled)
     x = torch.randn(6, 3, 32, 32)
@@ -311,4 +315,4 @@ def test_compiled_classifier_is_timms_forward_block_by_block(aot_eager, tiny_syn
     record = _records(out)[-1]
     assert 1 <= record["compiles"]["classifier.block"] <= 3
     state = load_checkpoint(out / "checkpoint-last.pth", kind="finetune")
-    assert list(state["model"]) == list(eager.state_dict())
+    assert list(state["model"]) == list(ViTClassifier("vit_tiny", 7, img_size=32, patch_size=8, depth=2).state_dict())
