@@ -67,9 +67,9 @@ def _add_init_and_size(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compile(p: argparse.ArgumentParser, shapes: bool = True) -> None:
-    """--compile and its options (docs/method.md §9.2)."""
+    """--compile and its options (docs/method.md §9.3)."""
     p.add_argument("--compile", action="store_true",
-                   help="regional torch.compile: each kind of block compiled once and shared (docs/method.md §9.2)")
+                   help="regional torch.compile: each kind of block compiled once and shared (docs/method.md §9.3)")
     p.add_argument("--compile-mode", default=None, metavar="MODE",
                    help="torch.compile mode: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
     if shapes:

@@ -35,6 +35,23 @@ step "copy bandwidth + operator benchmarks"
 timeout 150 $PY -m amgsn bench --device cuda --json "$OUT/bench_ops.json" --rounds 50 --step-steps 0 2>&1 | tee "$OUT/bench_ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+# Issue 24 (docs/method.md §9.3): the step compiled (regional torch.compile, T dynamic) against the eager
+# step in the same round-robin. Targets: fused_compiled_speedup >= 1.3 and fused_compiled's mfu >= 0.35;
+# fused_bank_over_mae_random_compiled is ABMG's price (saliency bank at its default P) when compiled.
+# Cold Inductor cache on a fresh machine: compile_s per *_compiled entry is the cold compile time.
+step "compiled training step: ViT-B/16, 224 px, batch 256, bf16, --compile vs eager (fused, fused_bank, mae_random)"
+timeout 180 $PY -m amgsn bench-step --model vit_base --img-size 224 --patch-size 16 --batch-size 256 \
+    --ratio-range 0.5 0.9 --device cuda --steps 8 --variants fused fused_bank mae_random --compile --json \
+    > "$OUT/bench_step_compile.json" 2> "$OUT/bench_step_compile.log"
+if [ $? -eq 0 ]; then
+  $PY -c "import json, sys; r = json.load(open(sys.argv[1])); c = r['fused_compiled']
+print('compiled / eager fused: %.3fx (target 1.3), MFU %s (target 0.35), fused_bank / mae_random compiled: %s, '
+      'compile %s s, recompiles %s' % (r['fused_compiled_speedup'], c.get('mfu'),
+      r.get('fused_bank_over_mae_random_compiled'), c['compile_s'], c['recompiles']))" "$OUT/bench_step_compile.json"
+else
+  tail -20 "$OUT/bench_step_compile.log"; status=1
+fi
+
 step "memory floors: each launch's measured time beside its DRAM floor (docs/method.md §9.2)"
 timeout 90 $PY benchmarks/memory_floors.py --device cuda --json "$OUT/floors.json" 2>&1 | tee "$OUT/floors.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

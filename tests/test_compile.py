@@ -1,4 +1,4 @@
-"""Compiled training (``--compile``, issue 24, docs/method.md §9.2) on the CPU.
+"""Compiled training (``--compile``, issue 24, docs/method.md §9.3) on the CPU.
 
 Inductor's C++ backend: 10 compiled pre-training steps give the eager losses (1e-4 relative), masks and
 ratios; SIGTERM + ``--resume`` with ``--compile`` ends bit-identical to an uninterrupted compiled run

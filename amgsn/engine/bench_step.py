@@ -12,7 +12,7 @@ Four variants on the same random images and the same per-image ratios:
 
 The variants take turns step by step (round-robin) and each reports its median step time.
 
-With ``compile=True`` (``--compile``, docs/method.md §9.2) every variant also runs compiled, as
+With ``compile=True`` (``--compile``, docs/method.md §9.3) every variant also runs compiled, as
 ``<variant>_compiled``, in the same round-robin: its entry adds ``compiles`` (graphs per region its
 steps compiled), ``recompiles`` and ``compile_s`` (seconds its steps spent compiling — in its warm-up
 steps; a second variant reuses what the first compiled), and ``<variant>_compiled_speedup`` = eager

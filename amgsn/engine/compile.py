@@ -1,4 +1,4 @@
-"""Compiled training (``--compile``, docs/method.md §9.2): regional ``torch.compile`` of the step's
+"""Compiled training (``--compile``, docs/method.md §9.3): regional ``torch.compile`` of the step's
 repeated regions (:mod:`amgsn.models.regions`), with a bounded number of compiles over a run.
 
 Each region — a packed encoder block's two token-wise halves, a teacher block, the decoder's entry

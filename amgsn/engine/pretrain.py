@@ -13,7 +13,7 @@ out of the bank; the ranks gather the refreshed maps so every rank's bank is the
 checkpointed; each epoch logs ``saliency_agreement`` (Spearman, bank vs a fresh teacher pass, on a
 fixed probe batch). P = 1 is §4.1 exactly.
 
-``--compile`` (docs/method.md §9.2, :mod:`amgsn.engine.compile`) runs the blocks, the decoder's entry and
+``--compile`` (docs/method.md §9.3, :mod:`amgsn.engine.compile`) runs the blocks, the decoder's entry and
 the loss compiled; each epoch's log line then also holds ``compiles`` (graphs per region so far in this
 process), ``recompiles`` and ``compile_s``. Checkpoints are the same either way.
 """

@@ -5,7 +5,7 @@ A model does not call its transformer blocks (or its decoder entry and loss) dir
 :class:`Regions`, calls the function as it is (eager). ``--compile`` swaps in
 :class:`amgsn.engine.compile.CompiledRegions`, which runs the same functions through ``torch.compile``
 — one compiled graph per region, shared by every block of the same shape (the block's weights are
-graph inputs, not constants) — see docs/method.md §9.2. The state dict never changes: nothing here is
+graph inputs, not constants) — see docs/method.md §9.3. The state dict never changes: nothing here is
 a module.
 
 Regions (the function, what varies between calls):

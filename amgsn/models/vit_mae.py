@@ -11,7 +11,7 @@ Structure and initialisation follow facebookresearch/mae ``models_mae.py``; the 
 * the loss is also returned per image (MRUS updates each image's ratio from its own loss);
 * encoder parameter names are timm's ``VisionTransformer`` names (:meth:`encoder_state_dict`);
 * the blocks, the decoder's entry and the loss run through ``self.regions`` (:mod:`.regions`):
-  eagerly by default, compiled under ``--compile`` (docs/method.md §9.2).
+  eagerly by default, compiled under ``--compile`` (docs/method.md §9.3).
 
 Shapes: B images, C channels, p patch size, N = (img_size / p)² patches, D encoder width,
 H heads, d = D / H, T = Σ visible patches, Dd decoder width.
