@@ -9,7 +9,8 @@ and a cast Inductor fuses into a compiled kernel is no longer an aten call on ei
 
     python benchmarks/count_casts.py --model vit_base --img-size 224 --patch-size 16 --batch-size 4
 
-Prints one JSON object: {"eager": {"copy_": n, "_to_copy": n}, "compiled": {...}, "config": {...}}.
+Prints one JSON object: {"eager": {"autocast": n, "explicit": n, "optimizer": n, "copy_": n}, "compiled": {...},
+"config": {...}} (see :func:`count`).
 """
 
 from __future__ import annotations
@@ -22,19 +23,45 @@ import torch
 
 import amgsn.engine.bench_step as bs
 
-CASTS = ("aten::copy_", "aten::_to_copy")
+
+def _chain(event) -> list[str]:
+    names, parent = [], event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return names
 
 
 def count(run: bs._Variant) -> dict[str, int]:
-    """Cast calls in one step of ``run`` (after two warm-up steps)."""
+    """Cast and copy calls in one step of ``run`` (after two warm-up steps), by where they come from:
+
+    * ``autocast``: ``aten::_to_copy`` that autocast inserts inside an op (``linear``, ``add``, ...) or the
+      backward of such a cast (``ToCopyBackward0``) — what the issue calls per-use casts;
+    * ``explicit``: a ``.to()`` the Python code calls itself (indices, masks, the loss in float32);
+    * ``optimizer``: under ``Optimizer.step`` (AdamW's per-parameter scalar conversions; the same either way);
+    * ``copy_``: every ``aten::copy_`` call (each cast makes one, and ops such as ``addmm`` / ``index_copy``
+      copy inside), the number the GPU profile reported.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
         run.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run.step()
-    calls = Counter(e.name for e in prof.events() if e.name in CASTS)
-    return {name.split("::")[1]: calls[name] for name in CASTS}
+    out: Counter[str] = Counter()
+    for event in prof.events():
+        if event.name == "aten::copy_":
+            out["copy_"] += 1
+        if event.name != "aten::_to_copy":
+            continue
+        chain = _chain(event)
+        if any(name.startswith("Optimizer.step") for name in chain):
+            out["optimizer"] += 1
+        elif len(chain) <= 1 or chain[1].startswith("##"):  # aten::to called by Python (or a compiled graph)
+            out["explicit"] += 1
+        else:
+            out["autocast"] += 1
+    return {k: out[k] for k in ("autocast", "explicit", "optimizer", "copy_")}
 
 
 def main() -> None:

@@ -180,6 +180,11 @@ class CompiledRegions(Regions):
         validate_options(True, mode, shapes)
         if shapes == "bucket" and not buckets:
             raise ValueError("--compile-shapes bucket needs the bucket sizes")
+        # Under DDP, Dynamo would split a region's graph at DDP's bucket boundaries (to overlap the all-reduce
+        # with a backward inside the graph); a region is a block, and DDP's hooks fire as its gradients come
+        # out anyway: one graph per region. (Process-wide; read when a graph compiles, so set it here rather
+        # than per call, which costs ~0.1 ms a call.)
+        torch._dynamo.config.optimize_ddp = False
         self.mode, self.shapes, self.buckets = mode, shapes, tuple(sorted(buckets))
 
     def padded_rows(self, rows: int) -> int:
@@ -204,11 +209,7 @@ class CompiledRegions(Regions):
         before = _TALLY.compiles[name]
         start = time.perf_counter()
         try:
-            # Under DDP, Dynamo would split a region's graph at DDP's bucket boundaries (to overlap the
-            # all-reduce with a backward inside the graph); a region is one block, DDP's hooks fire as
-            # its gradients come out anyway: one graph per region.
-            with torch._dynamo.config.patch(optimize_ddp=False):
-                return fn(*args)
+            return fn(*args)
         finally:
             local.region = outer
             if _TALLY.compiles[name] != before:  # this call compiled: its wall time is compile time
